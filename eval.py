@@ -1,0 +1,116 @@
+"""Tamper with a watermarked model and track, step by step, how many trigger labels still match the key.
+
+    python eval.py --dataset fashion-mnist --arch resnet8 --attack finetune --epochs 2 --device cpu
+    python eval.py --attack poison --seeds 0 1 2
+
+The watermarked checkpoint is never modified: every attack works on a copy.
+"""
+# ----------------------------------------------------------------------------- config
+DATASET = "cifar10"
+ARCH = "resnet18"
+MODEL = ""                 # default checkpoints/<arch>_<dataset>.pt
+METHOD = "paper"           # trigger set to track (default paths derive from it)
+TRIGGERS = ""              # default <checkpoint stem>_triggers_<method>
+KEY = ""                   # default: the key named in the trigger metadata
+ATTACK = "finetune"
+SEEDS = [0]
+DATA_DIR = "data"
+TRAIN_SUBSET = 0           # >0: fine-tune on this many samples, class-balanced
+TEST_SUBSET = 0            # >0: measure clean accuracy / ASR on this many test images
+DEVICE = "auto"
+# fine-tuning: the paper's settings
+EPOCHS = 40
+BATCH_SIZE = 256
+LR = 1e-3
+MOMENTUM = 0.9
+WEIGHT_DECAY = 1e-3
+AUGMENT = True
+AMP = True                 # bf16 autocast for the fine-tuning steps on GPU (verification stays fp32)
+FUSED_OPTIMIZER = True
+EARLY_STEPS = [1, 2, 5, 10, 20, 50, 100]   # extra measurements inside the first epoch
+MAX_MISMATCHES = 0         # verification tolerance, as in verify.py
+EVAL_BATCH_SIZE = 1024
+# poison (BadNets)
+POISON_FRACTION = 0.1
+POISON_TARGET = 0
+PATCH_SIZE = 3
+PATCH_POSITION = "bottom-right"   # bottom-right | bottom-left | top-right | top-left
+PATCH_VALUE = 255                 # patch colour, 0-255
+CHANNELS_LAST = True       # channels_last fine-tuning on GPU
+COMPILE = False            # torch.compile the fine-tuned copy
+# tamper suite (fine-prune, obfuscate, noise, single-weight, bitflip, prune, quantize, restore)
+# benign matrix
+# output
+RESULTS_DIR = "results"
+SAVE_TAMPERED = ""         # write the (last seed's) tampered model here, for verify.py
+PROGRESS = True
+# -----------------------------------------------------------------------------
+
+import os
+import time
+
+import torch
+
+from fragile.attack_registry import ATTACKS
+from fragile.attacks import EvalContext
+from fragile.checkpoint_io import default_checkpoint_path, load_classifier, read_checkpoint, save_classifier
+from fragile.cli import UserError, apply_overrides, run_main
+from fragile.data import DATASETS, balanced_subset, get_spec, load_split
+from fragile.devices import describe_device, resolve_device, set_fast_math
+from fragile.results import results_path, write_results
+from fragile.triggers import default_paths, load_key, load_triggers
+from fragile.verification import check_compatible
+from fragile import robust_watermark, versions
+from models import ARCHS
+
+
+def load_watermark(model_path, model_meta):
+    triggers_path = TRIGGERS or default_paths(model_path, METHOD)[0]
+    if not os.path.exists(triggers_path):
+        raise UserError(f"triggers not found: {triggers_path} (run generate_samples.py, or pass --triggers)")
+    triggers, trigger_meta = load_triggers(triggers_path)
+    key_path = KEY or os.path.join(os.path.dirname(os.path.abspath(triggers_path.rstrip("/"))),
+                                   trigger_meta.get("key_file", ""))
+    key, _ = load_key(key_path)
+    check_compatible(triggers, key, model_meta["input_shape"], model_meta["num_classes"])
+    return triggers, torch.tensor(key), trigger_meta
+
+
+def main():
+    config = apply_overrides(globals(), __doc__, choices={"DATASET": list(DATASETS), "ARCH": list(ARCHS),
+                                                           "ATTACK": list(ATTACKS)})
+    device = resolve_device(DEVICE)
+    set_fast_math(False)
+    model_path = MODEL or default_checkpoint_path(ARCH, DATASET)
+    model, model_meta = load_classifier(model_path, device)
+    triggers, key, trigger_meta = load_watermark(model_path, model_meta)
+    spec = get_spec(model_meta["dataset"])
+    out = results_path(RESULTS_DIR, model_meta, trigger_meta.get("method", METHOD), ATTACK)
+    train = balanced_subset(load_split(spec, DATA_DIR, True), TRAIN_SUBSET, spec.num_classes).to(device)
+    test = balanced_subset(load_split(spec, DATA_DIR, False), TEST_SUBSET, spec.num_classes).to(device)
+    ctx = EvalContext(model, spec, train, test, triggers.to(device), key, config, device)
+    backdoor = read_checkpoint(model_path).get("backdoor")
+    if backdoor is not None:  # track the robust watermark beside the fragile one
+        ctx.extras["backdoor"] = backdoor
+        ctx.extras["metrics"] = [("backdoor_accuracy", lambda m: robust_watermark.trigger_accuracy(m, backdoor))]
+    print(f"{ATTACK} on {model_path} ({model_meta['arch']}, {model_meta['dataset']}), {len(key)} triggers, "
+          f"{describe_device(device)}")
+
+    started, runs, tampered = time.time(), [], None
+    for seed in SEEDS:
+        print(f"seed {seed}")
+        run, tampered = ATTACKS[ATTACK](ctx, seed)
+        runs.append(run)
+    results = {"attack": ATTACK, "model": model_path, "arch": model_meta["arch"], "dataset": model_meta["dataset"],
+               "method": trigger_meta.get("method", METHOD), "weights_sha256": model_meta["weights_sha256"],
+               "num_triggers": len(key), "config": config, "versions": versions.collect(device),
+               "device": describe_device(device), "wall_time_s": round(time.time() - started, 2), "runs": runs}
+    write_results(results, out)
+    print(f"results -> {out} (+ .csv)")
+    if SAVE_TAMPERED and tampered is not None:
+        save_classifier(SAVE_TAMPERED, tampered, dict(model_meta, tampered_by=ATTACK))
+        print(f"tampered model -> {SAVE_TAMPERED}")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,1 @@
+"""Shared logic of the fragile-watermarking suite; the top-level scripts stay thin."""

@@ -1,0 +1,140 @@
+"""Tampering a model the way an attacker (or a careless deployer) would, while tracking the watermark.
+
+Each attack takes an ``EvalContext`` and a seed and returns a run: ``{"seed", "records": [...], ...}``.
+A record is one measurement point: at least ``flipped``, ``match_rate`` and ``detected``, plus the
+attack's own coordinates (``step``/``epoch`` for trajectories, ``sigma``, ``k``, ... for sweeps).
+"""
+import copy
+from dataclasses import dataclass, field
+
+import torch
+
+from .data import Split, to_float
+from .devices import seed_everything
+from .training import accuracy, make_sgd, predict_logits, train_steps
+from .verification import query_labels
+
+EARLY_STEPS_DEFAULT = (1, 2, 5, 10, 20, 50, 100)
+
+
+@dataclass
+class EvalContext:
+    """Everything an attack needs: the untouched model (never modified), data, triggers, key, config."""
+    model: torch.nn.Module
+    spec: object
+    train: Split
+    test: Split
+    triggers: torch.Tensor          # uint8, on the device
+    key: torch.Tensor               # int64, on the CPU
+    config: dict
+    device: torch.device
+    log: callable = print
+    extras: dict = field(default_factory=dict)   # e.g. the robust watermark's trigger set
+
+    def fresh_copy(self):
+        """A deep copy to tamper with: the watermarked model itself is never changed."""
+        return copy.deepcopy(self.model)
+
+
+# ----------------------------------------------------------------------------- measurements
+
+def watermark_state(model, ctx, max_mismatches=0):
+    labels = query_labels(model, ctx.triggers)
+    flipped = int((labels != ctx.key).sum())
+    return {"flipped": flipped, "match_rate": 1 - flipped / len(ctx.key), "detected": flipped > max_mismatches}
+
+
+def stamp_patch(images, size, position, value):
+    """BadNets trigger: a size x size square of ``value`` (0-255) stamped on float images in [0, 1]."""
+    images = images.clone()
+    h, w = images.shape[-2:]
+    top = 0 if position.startswith("top") else h - size
+    left = 0 if position.endswith("left") else w - size
+    images[..., top:top + size, left:left + size] = value / 255.0
+    return images
+
+
+def attack_success_rate(model, ctx):
+    """Patched test images of every other class that the model puts in the target class."""
+    cfg = ctx.config
+    keep = ctx.test.labels != cfg["POISON_TARGET"]
+    patched = stamp_patch(to_float(ctx.test.images[keep]), cfg["PATCH_SIZE"], cfg["PATCH_POSITION"], cfg["PATCH_VALUE"])
+    preds = predict_logits(model, patched, cfg["EVAL_BATCH_SIZE"]).argmax(1)
+    return (preds == cfg["POISON_TARGET"]).float().mean().item()
+
+
+def poison_transform(cfg, gen):
+    """Stamp the patch on a fraction of every batch (after augmentation, so the patch stays put) and
+    relabel those samples to the target class: BadNets poisoning mixed into clean data."""
+    def transform(images, labels):
+        chosen = torch.rand(len(labels), device=labels.device, generator=gen) < cfg["POISON_FRACTION"]
+        patched = stamp_patch(images, cfg["PATCH_SIZE"], cfg["PATCH_POSITION"], cfg["PATCH_VALUE"])
+        images = torch.where(chosen[:, None, None, None], patched, images)
+        return images, torch.where(chosen, torch.full_like(labels, cfg["POISON_TARGET"]), labels)
+    return transform
+
+
+def measure(model, ctx, step, epoch, poisoned, extra_metrics=()):
+    """One record of a trajectory: watermark state, clean accuracy, and ASR when poisoning."""
+    record = {"step": step, "epoch": epoch, **watermark_state(model, ctx, ctx.config["MAX_MISMATCHES"]),
+              "clean_accuracy": accuracy(model, ctx.test, ctx.config["EVAL_BATCH_SIZE"])}
+    if poisoned:
+        record["attack_success_rate"] = attack_success_rate(model, ctx)
+    for name, fn in extra_metrics:
+        record[name] = fn(model)
+    return record
+
+
+# ----------------------------------------------------------------------------- fine-tuning
+
+def fine_tune(model, ctx, seed, epochs, poisoned=False, extra_metrics=(), phase="finetune", step_offset=0,
+              data=None):
+    """SGD fine-tuning with the paper's settings, recording the watermark step by step.
+
+    Records: before any step, after each of the early steps inside the first epoch, after every epoch.
+    Verification runs after every step until the first detection, so its step is exact.
+    """
+    cfg = ctx.config
+    seed_everything(seed)
+    gen = torch.Generator(device=ctx.device)
+    gen.manual_seed(seed)
+    data = data or ctx.train
+    optimizer = make_sgd(model, cfg["LR"], cfg["MOMENTUM"], cfg["WEIGHT_DECAY"], fused=cfg["FUSED_OPTIMIZER"])
+    transform = poison_transform(cfg, gen) if poisoned else None
+    steps_per_epoch = -(-len(data) // cfg["BATCH_SIZE"])
+    early = set(cfg["EARLY_STEPS"])
+    records = [dict(measure(model, ctx, step_offset, 0.0, poisoned, extra_metrics), phase=phase)]
+    first_detection = 0 if records[0]["detected"] else None
+    step = 0
+    for epoch in range(epochs):
+        for step, loss, _, _ in train_steps(model, optimizer, data, ctx.spec, gen, cfg["BATCH_SIZE"], ctx.device,
+                                            cfg["AMP"], augmented=cfg["AUGMENT"], batch_transform=transform,
+                                            first_step=step):
+            if first_detection is None and watermark_state(model, ctx, cfg["MAX_MISMATCHES"])["detected"]:
+                first_detection = step + step_offset
+            if epoch == 0 and step in early and step < steps_per_epoch:
+                records.append(dict(measure(model, ctx, step + step_offset, step / steps_per_epoch, poisoned,
+                                            extra_metrics), phase=phase))
+            model.train()
+        if not torch.isfinite(loss):
+            ctx.log(f"loss became {loss.item()} at epoch {epoch + 1}: stopping this run")
+            break
+        record = dict(measure(model, ctx, step + step_offset, float(epoch + 1), poisoned, extra_metrics), phase=phase)
+        records.append(record)
+        ctx.log(f"  {phase} epoch {epoch + 1}/{epochs}: match rate {record['match_rate']:.2f} "
+                f"({record['flipped']} flipped), clean acc {record['clean_accuracy']:.4f}"
+                + (f", ASR {record['attack_success_rate']:.3f}" if poisoned else ""))
+    return records, first_detection
+
+
+def run_finetune(ctx, seed, poisoned=False):
+    model = ctx.fresh_copy()
+    records, first = fine_tune(model, ctx, seed, ctx.config["EPOCHS"], poisoned, ctx.extras.get("metrics", ()))
+    return {"seed": seed, "records": records, "first_detection_step": first}, model
+
+
+def run_poison(ctx, seed):
+    return run_finetune(ctx, seed, poisoned=True)
+
+
+ATTACKS = {"finetune": run_finetune, "poison": run_poison}

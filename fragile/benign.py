@@ -1,0 +1,2 @@
+"""The benign-change matrix: the untouched model must verify under every harmless change."""
+BENIGN_ATTACKS = {}

@@ -1,0 +1,92 @@
+"""Make fragile triggers for a trained classifier, without changing a single weight of it.
+
+    python generate_samples.py --dataset fashion-mnist --arch resnet8 --device cpu
+
+A generator is trained with the secret-key loss so that its images carry the key's labels while
+sitting near decision boundaries. The triggers are exported as 8-bit images (tensor file and
+PNGs) and accepted only if the PNGs, read back, are all labelled as the key.
+"""
+# ----------------------------------------------------------------------------- config
+DATASET = "cifar10"
+ARCH = "resnet18"
+MODEL = ""                 # checkpoint; default checkpoints/<arch>_<dataset>.pt, as train.py writes it
+METHOD = "paper"           # paper | random | natural | ftg | margin
+NUM_TRIGGERS = 100
+KEY_SEED = -1              # -1: key from the OS's secure random source; >=0: reproducible key
+OUT = ""                   # trigger folder; default <checkpoint stem>_triggers_<method>
+KEY_OUT = ""               # key file; default <checkpoint stem>_key_<method>.json
+DATA_DIR = "data"          # test images for the accuracy check (and natural-image methods)
+DEVICE = "auto"
+# paper: generator and loss (arXiv 2208.07585)
+LATENT_DIM = 512
+LATENT_SEED = 0            # the fixed latent batch is drawn from this seed (and stored)
+GEN_CHANNELS = 64          # generator width at its first stage, halving per stage (the paper's code: 512)
+LAMBDA = 150.0             # weight of the softmax-variance term
+LR = 3e-3                  # the paper: 1e-4 with a 512-wide generator (30x slower to converge; README)
+BETA1 = 0.5
+BETA2 = 0.999
+MAX_STEPS = 2000           # step cap; generation stops as soon as every 8-bit trigger carries its key label
+PROGRESS = True
+# -----------------------------------------------------------------------------
+
+import os
+
+import torch
+
+from fragile.checkpoint_io import default_checkpoint_path, load_classifier, model_sha256
+from fragile.cli import UserError, apply_overrides, run_main
+from fragile.data import DATASETS, get_spec, load_split
+from fragile.devices import describe_device, resolve_device, set_fast_math
+from fragile.training import accuracy
+from fragile.triggers import (default_paths, labels_and_margins, load_triggers, make_key, margin_summary,
+                              save_key, save_triggers, trigger_meta)
+from fragile import trigger_methods
+from models import ARCHS
+
+
+def fingerprint(model, test):
+    return model_sha256(model), accuracy(model, test)
+
+
+def main():
+    config = apply_overrides(globals(), __doc__, choices={"DATASET": list(DATASETS), "ARCH": list(ARCHS),
+                                                           "METHOD": list(trigger_methods.METHODS)})
+    device = resolve_device(DEVICE)
+    set_fast_math(False)  # triggers sit near boundaries: optimise in exact fp32
+    model_path = MODEL or default_checkpoint_path(ARCH, DATASET)
+    model, model_meta = load_classifier(model_path, device)
+    spec = get_spec(model_meta["dataset"])
+    out, key_out = default_paths(model_path, METHOD)
+    out, key_out = OUT or out, KEY_OUT or key_out
+    test = load_split(spec, DATA_DIR, train=False).to(device)
+
+    sha_before, acc_before = fingerprint(model, test)
+    print(f"model {model_path}: {model_meta['arch']} on {model_meta['dataset']}, {describe_device(device)}")
+    print(f"before: weights sha256 {sha_before}  test accuracy {acc_before:.4f}")
+
+    key, source = make_key(NUM_TRIGGERS, spec.num_classes, None if KEY_SEED < 0 else KEY_SEED)
+    triggers, info = trigger_methods.generate(METHOD, model, spec, key, config, device, test)
+
+    # Accept only what will be deployed: the PNGs, read back from disk, must all carry their key labels.
+    save_key(key_out, key, spec.num_classes, source)
+    meta = trigger_meta(model_meta, key_out, METHOD, config, info.pop("meta", {}))
+    save_triggers(out, triggers, meta, extra=info)
+    from_png, _ = load_triggers(out)
+    labels, margins = labels_and_margins(model, from_png.to(device))
+    wrong = (labels != torch.tensor(key)).sum().item()
+    if not torch.equal(from_png, triggers.cpu()) or wrong:
+        raise UserError(f"{wrong} triggers lost their key label after the PNG round trip; not accepted")
+
+    sha_after, acc_after = fingerprint(model, test)
+    print(f"after:  weights sha256 {sha_after}  test accuracy {acc_after:.4f}")
+    if (sha_after, acc_after) != (sha_before, acc_before):
+        raise UserError("the model changed during trigger generation (this is a bug)")
+    s = margin_summary(margins)
+    print(f"{len(key)} triggers ({METHOD}), all on their key labels after 8-bit PNG export")
+    print(f"top-1 minus runner-up logit margin: min {s['min']:.3g}  median {s['median']:.3g}  "
+          f"mean {s['mean']:.3g}  max {s['max']:.3g}")
+    print(f"triggers -> {out}  key -> {key_out}")
+
+
+if __name__ == "__main__":
+    run_main(main)

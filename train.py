@@ -1,0 +1,159 @@
+"""Train the classifier that will be watermarked (ResNet-18 on CIFAR-10 by default).
+
+    python train.py                                   # the paper's setup, GPU when present
+    python train.py --dataset fashion-mnist --arch resnet8 --epochs 1 --train-subset 5000 --device cpu
+
+Every constant below can be overridden from the command line (--help lists them).
+"""
+# ----------------------------------------------------------------------------- config
+DATASET = "cifar10"          # cifar10 | cifar100 | fashion-mnist | mnist | synthetic
+ARCH = "resnet18"            # resnet8 | resnet18 | resnet34 | resnet50
+DATA_DIR = "data"            # datasets are downloaded here (or found offline)
+TRAIN_SUBSET = 0             # >0: train on this many samples, class-balanced
+EPOCHS = 40
+BATCH_SIZE = 64               # small batches: more steps per epoch (pass 512 on a GPU for speed)
+LR = 0.1                     # peak learning rate (SGD, nesterov)
+SCHEDULE = "onecycle"        # onecycle (linear warm-up then cosine to 0) | constant
+WARMUP_EPOCHS = 1.0          # capped at 20% of the run
+MOMENTUM = 0.9
+WEIGHT_DECAY = 5e-4
+LABEL_SMOOTHING = 0.1
+AUGMENT = True               # the dataset's train-time augmentation (on the device)
+SEED = 0
+DEVICE = "auto"              # auto | cpu | cuda | cuda:N
+AMP = True                   # bf16 autocast on GPU (ignored on CPU)
+CHANNELS_LAST = True         # channels_last memory format on GPU
+FUSED_OPTIMIZER = True       # fused (GPU) / foreach optimizer kernels
+COMPILE = False              # torch.compile the model
+EVAL_BATCH_SIZE = 1024
+OUT = ""                     # checkpoint path; default checkpoints/<arch>_<dataset>.pt
+RESUME = False               # continue from <out>.resume.pt (written every epoch)
+BACKDOOR_WATERMARK = False   # also embed a robust (Adi et al. 2018) backdoor watermark while training
+BACKDOOR_TRIGGERS = 100      # size of that robust trigger set
+PROGRESS = True              # tqdm progress bars
+# -----------------------------------------------------------------------------
+
+import json
+import math
+import os
+import time
+
+import torch
+
+from fragile.cli import UserError, apply_overrides, run_main
+from fragile.checkpoint_io import (check_writable, default_checkpoint_path, read_checkpoint, save_classifier,
+                                   weights_sha256)
+from fragile.data import DATASETS, device_generator, load_dataset
+from fragile.devices import describe_device, resolve_device, seed_everything, set_fast_math
+from fragile.progress import progress_bar
+from fragile.training import accuracy, lr_at, make_sgd, prepare_model, train_steps
+from fragile import robust_watermark, versions
+from models import ARCHS, build_classifier
+
+
+def resume_path(out):
+    return out[:-3] + ".resume.pt" if out.endswith(".pt") else out + ".resume.pt"
+
+
+def log_path(out):
+    return (out[:-3] if out.endswith(".pt") else out) + ".log.jsonl"
+
+
+def capture_rng(gen):
+    return {"torch": torch.get_rng_state(), "device_gen": gen.get_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def restore_rng(state, gen):
+    torch.set_rng_state(state["torch"])
+    gen.set_state(state["device_gen"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def main():
+    config = apply_overrides(globals(), __doc__, choices={"DATASET": list(DATASETS), "ARCH": list(ARCHS),
+                                                           "SCHEDULE": ["onecycle", "constant"]})
+    out = OUT or default_checkpoint_path(ARCH, DATASET)
+    check_writable(out)
+    device = resolve_device(DEVICE)
+    set_fast_math(device.type == "cuda")
+    seed_everything(SEED)
+    spec, train, test = load_dataset(DATASET, DATA_DIR, device, TRAIN_SUBSET, SEED)
+    print(f"{DATASET}: {len(train)} train / {len(test)} test images {spec.shape}, {ARCH} on {describe_device(device)}")
+
+    model = build_classifier(ARCH, spec)
+    backdoor = robust_watermark.make_trigger_set(spec, BACKDOOR_TRIGGERS, SEED) if BACKDOOR_WATERMARK else None
+    model = prepare_model(model, device, CHANNELS_LAST)
+    optimizer = make_sgd(model, LR, MOMENTUM, WEIGHT_DECAY, nesterov=True, fused=FUSED_OPTIMIZER)
+    train_model = torch.compile(model) if COMPILE else model
+    gen = device_generator(device, SEED)
+    steps_per_epoch = -(-len(train) // BATCH_SIZE)
+    total_steps = EPOCHS * steps_per_epoch
+    warmup = int(min(WARMUP_EPOCHS, 0.2 * EPOCHS) * steps_per_epoch)  # short runs still decay
+    start_epoch, elapsed = 0, 0.0
+
+    if RESUME:
+        if not os.path.exists(resume_path(out)):
+            raise UserError(f"--resume: no interrupted run to continue at {resume_path(out)}")
+        payload = read_checkpoint(resume_path(out))
+        if payload["meta"].get("arch") != ARCH or payload["meta"].get("dataset") != DATASET:
+            raise UserError(f"--resume: {resume_path(out)} is for {payload['meta'].get('arch')} on "
+                            f"{payload['meta'].get('dataset')}, not {ARCH} on {DATASET}")
+        model.load_state_dict(payload["state_dict"])
+        optimizer.load_state_dict(payload["train_state"]["optimizer"])
+        restore_rng(payload["train_state"]["rng"], gen)
+        start_epoch, elapsed = payload["train_state"]["epoch"], payload["train_state"]["elapsed"]
+        print(f"resuming {resume_path(out)} after epoch {start_epoch}")
+    elif os.path.exists(log_path(out)):
+        os.remove(log_path(out))  # a fresh run starts a fresh log
+
+    def meta(epoch, test_acc):
+        return dict(arch=ARCH, dataset=DATASET, num_classes=spec.num_classes, input_shape=list(spec.shape),
+                    test_accuracy=test_acc, epochs=epoch, seed=SEED, train_subset=TRAIN_SUBSET,
+                    config=config, **versions.collect(device),
+                    backdoor_watermark=robust_watermark.describe(backdoor))
+
+    batch_transform = robust_watermark.mixer(backdoor, device) if backdoor else None
+    test_acc = 0.0
+    for epoch in range(start_epoch, EPOCHS):
+        t0 = time.time()
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        seen = 0
+        steps = train_steps(train_model, optimizer, train, spec, gen, BATCH_SIZE, device, AMP, LABEL_SMOOTHING, AUGMENT,
+                            batch_transform=batch_transform, first_step=epoch * steps_per_epoch,
+                            lr_for_step=lambda s: lr_at(s, total_steps, LR, warmup, SCHEDULE))
+        bar = progress_bar(steps, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{EPOCHS}", enabled=PROGRESS)
+        for step, loss, n_correct, n in bar:
+            loss_sum += loss * n
+            correct += n_correct
+            seen += n
+            if step % 20 == 0 or step % steps_per_epoch == 0:
+                bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{correct.item() / seen:.3f}")
+        train_loss = (loss_sum / seen).item()
+        if not math.isfinite(train_loss):
+            kept = resume_path(out) if epoch > start_epoch or RESUME else "none (first epoch)"
+            raise UserError(f"loss became {train_loss} in epoch {epoch + 1}; stopped. Last good checkpoint: {kept}")
+        test_acc = accuracy(model, test, EVAL_BATCH_SIZE)
+        elapsed += time.time() - t0
+        record = dict(epoch=epoch + 1, train_loss=train_loss, train_accuracy=correct.item() / seen,
+                      test_accuracy=test_acc, seconds=round(elapsed, 2), lr=optimizer.param_groups[0]["lr"])
+        if backdoor:
+            record["backdoor_accuracy"] = robust_watermark.trigger_accuracy(model, backdoor)
+        with open(log_path(out), "a") as f:
+            f.write(json.dumps(record) + "\n")
+        print(json.dumps(record))
+        save_classifier(resume_path(out), model, meta(epoch + 1, test_acc),
+                        train_state={"optimizer": optimizer.state_dict(), "rng": capture_rng(gen),
+                                     "epoch": epoch + 1, "elapsed": elapsed},
+                        backdoor=robust_watermark.to_payload(backdoor))
+
+    final = save_classifier(out, model, meta(EPOCHS, test_acc), backdoor=robust_watermark.to_payload(backdoor))
+    if os.path.exists(resume_path(out)):
+        os.remove(resume_path(out))
+    print(f"test accuracy {test_acc:.4f}  wall time {elapsed:.1f}s  weights sha256 {final['weights_sha256'][:16]}…  -> {out}")
+
+
+if __name__ == "__main__":
+    run_main(main)
