@@ -39,7 +39,37 @@ PATCH_VALUE = 255                 # patch colour, 0-255
 CHANNELS_LAST = True       # channels_last fine-tuning on GPU
 COMPILE = False            # torch.compile the fine-tuned copy
 # tamper suite (fine-prune, obfuscate, noise, single-weight, bitflip, prune, quantize, restore)
+TAMPER_ACCURACY_TRIALS = 3        # trials per sweep point that also measure clean accuracy (a test-set pass each)
+FINE_PRUNE_ACCURACY_DROP = 0.05   # prune last-layer channels until clean accuracy has dropped this much (absolute)
+FINE_PRUNE_RANK_SAMPLES = 2000    # clean training images that rank the channels by mean activation
+FINE_PRUNE_EPOCHS = 2             # clean fine-tuning after pruning (pruned channels stay pruned)
+FINE_PRUNE_POISONED_MODEL = ""    # also defend this poisoned copy (eval.py --attack poison --save-tampered X.pt)
+OBFUSCATE_KS = [1, 10, 100, 275]  # weights obfuscated (NNSplitter: 275 of ResNet-18's 11M)
+OBFUSCATE_STEPS = 100             # signed-gradient ascent steps on the clean loss
+OBFUSCATE_STEP_SIZE = 0.05        # per step, as a fraction of the weight's layer's largest |w|
+NOISE_SIGMAS = [1e-6, 1e-5, 1e-4, 1e-3, 1e-2]   # std of the Gaussian added to every weight (absolute)
+NOISE_TRIALS = 20
+SINGLE_WEIGHT_EPSILONS = [1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0]   # one weight times (1 +- epsilon)
+SINGLE_WEIGHT_TRIALS = 20
+BITFLIP_KS = [1, 10, 100]         # weights that get one flipped bit each
+BITFLIP_CLASSES = ["mantissa-low", "mantissa-high", "exponent", "sign"]
+BITFLIP_TRIALS = 20
+PRUNE_RATIOS = [0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9]   # global magnitude pruning of conv/linear weights
+QUANTIZE_MODES = ["fp16", "bf16", "int8", "int8-tensor"]   # storage round trips; int8 weight-only per channel / tensor
+RESTORE_ATTACK_EPOCHS = 2         # restore: the attacker's fine-tuning first...
+RESTORE_ATTACK_LR = 0.01          # ...at a learning rate that fades a robust watermark
+RESTORE_EPOCHS = 1                # then brief training on the original training data
+RESTORE_LR = 1e-3
+RESTORE_RECOVERED = 0.9           # robust watermark counts as restored at >= this fraction of its accuracy before
 # benign matrix
+BENIGN_BATCH_SIZES = [1, 16]       # compared with all triggers at once
+# method comparison (--attack compare; fragile/comparison.py)
+COMPARE_FINETUNE_EPOCHS = 1
+COMPARE_NOISE_SIGMAS = [1e-5, 1e-4, 1e-3]
+COMPARE_TRIALS = 20                # noise and single-weight trials
+COMPARE_SINGLE_WEIGHT_EPS = 1e-3
+COMPARE_OBFUSCATE_K = 1
+COMPARE_OBFUSCATE_SCALE = 10.0     # obfuscated weights move this many standard deviations of their tensor
 # output
 RESULTS_DIR = "results"
 SAVE_TAMPERED = ""         # write the (last seed's) tampered model here, for verify.py

@@ -26,6 +26,20 @@ LR = 3e-3                  # the paper: 1e-4 with a 512-wide generator (30x slow
 BETA1 = 0.5
 BETA2 = 0.999
 MAX_STEPS = 2000           # step cap; generation stops as soon as every 8-bit trigger carries its key label
+# margin / ftg / natural / random methods (fragile/trigger_methods.py; docs/sensitivity.md)
+CONTROL_SEED = 0           # which noise / test images the controls, ftg and margin start from
+FTG_STEPS = 1000           # ftg: signed-gradient steps minimising the softmax variance
+FTG_STEP_SIZE = 0.25 / 255 # ftg: per step, in [0, 1] pixel units (straight-through 8-bit rounding)
+MARGIN_START = "natural"   # margin: natural | noise | paper
+MARGIN_SAFETY = 10.0       # margin: delta = this x the largest benign logit jitter measured
+MARGIN_BAND = 4.0          # margin: every other class is driven to within band x delta of the key class
+MARGIN_STEPS = 300         # margin: straight-through 8-bit Adam steps
+MARGIN_LR = 2.0 / 255      # margin: their initial step, in [0, 1] pixel units (cosine decay)
+MARGIN_FRAGILITY = 1.0     # margin: weight of the expected-survival-under-weight-noise term (0: off)
+MARGIN_NOISE_DRAWS = 4     # margin: weight-noise draws per step for that term
+MARGIN_NOISE_SIGMA = 1e-3  # margin: their standard deviation
+MARGIN_GRID_ROUNDS = 200   # margin: rounds of single-pixel +-1 moves on the 8-bit grid
+MARGIN_CANDIDATES = 32     # margin: moves per trigger evaluated exactly in each round
 PROGRESS = True
 # -----------------------------------------------------------------------------
 

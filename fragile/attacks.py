@@ -100,6 +100,9 @@ def fine_tune(model, ctx, seed, epochs, poisoned=False, extra_metrics=(), phase=
     gen.manual_seed(seed)
     data = data or ctx.train
     optimizer = make_sgd(model, cfg["LR"], cfg["MOMENTUM"], cfg["WEIGHT_DECAY"], fused=cfg["FUSED_OPTIMIZER"])
+    if cfg.get("CHANNELS_LAST") and ctx.device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    train_model = torch.compile(model) if cfg.get("COMPILE") else model  # measurements use the plain module
     transform = poison_transform(cfg, gen) if poisoned else None
     steps_per_epoch = -(-len(data) // cfg["BATCH_SIZE"])
     early = set(cfg["EARLY_STEPS"])
@@ -107,7 +110,7 @@ def fine_tune(model, ctx, seed, epochs, poisoned=False, extra_metrics=(), phase=
     first_detection = 0 if records[0]["detected"] else None
     step = 0
     for epoch in range(epochs):
-        for step, loss, _, _ in train_steps(model, optimizer, data, ctx.spec, gen, cfg["BATCH_SIZE"], ctx.device,
+        for step, loss, _, _ in train_steps(train_model, optimizer, data, ctx.spec, gen, cfg["BATCH_SIZE"], ctx.device,
                                             cfg["AMP"], augmented=cfg["AUGMENT"], batch_transform=transform,
                                             first_step=step):
             if first_detection is None and watermark_state(model, ctx, cfg["MAX_MISMATCHES"])["detected"]:

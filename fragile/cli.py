@@ -13,6 +13,14 @@ class UserError(Exception):
     """A bad input the user can fix: reported as one line, never as a traceback."""
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one ``error:`` line (and exit 2) rather than usage plus error."""
+
+    def error(self, message):
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def _is_config_name(name, value):
     return name.isupper() and not name.startswith("_") and isinstance(value, (bool, int, float, str, list, tuple))
 
@@ -24,7 +32,7 @@ def _flag(name):
 def build_parser(namespace, description=None, choices=None):
     """An argparse parser with one flag per UPPER_CASE constant in ``namespace``."""
     choices = choices or {}
-    parser = argparse.ArgumentParser(description=(description or "").strip().splitlines()[0] if description else None,
+    parser = OneLineErrorParser(description=(description or "").strip().splitlines()[0] if description else None,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for name, value in namespace.items():
         if not _is_config_name(name, value):

@@ -120,12 +120,14 @@ def synthetic_split(spec, train, n=None, seed=1234):
     n = n or (5000 if train else 1000)
     c, h, w = spec.shape
     gen = torch.Generator().manual_seed(seed)  # prototypes: shared by both splits
-    protos = F.interpolate(torch.rand(spec.num_classes, c, 4, 4, generator=gen), size=(h, w), mode="bilinear",
-                           align_corners=False)
+    # Low-contrast prototypes and strong structured noise: classes overlap, so a tiny model ends
+    # near 85-90% rather than at a trivially confident 100%.
+    protos = 0.3 + 0.4 * F.interpolate(torch.rand(spec.num_classes, c, 4, 4, generator=gen), size=(h, w),
+                                       mode="bilinear", align_corners=False)
     gen = torch.Generator().manual_seed(seed + (1 if train else 2))
     labels = torch.randint(0, spec.num_classes, (n,), generator=gen)
     smooth = F.interpolate(torch.randn(n, c, 8, 8, generator=gen), size=(h, w), mode="bilinear", align_corners=False)
-    images = protos[labels] + 0.18 * smooth + 0.06 * torch.randn(n, c, h, w, generator=gen)
+    images = protos[labels] + 0.3 * smooth + 0.1 * torch.randn(n, c, h, w, generator=gen)
     return Split((images.clamp(0, 1) * 255).round().to(torch.uint8), labels)
 
 
