@@ -42,34 +42,35 @@ from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
 from fragile.cli import UserError, apply_overrides, run_main  # noqa: E402
 from fragile.results import read_results  # noqa: E402
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+_ROOT = os.path.dirname(os.path.abspath(__file__))
 
 # ----------------------------------------------------------------------------- shared styling
+# (underscored names: module constants, not command-line flags)
 
-STYLE = {"font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9, "legend.fontsize": 7.5, "axes.grid": True,
+_STYLE = {"font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9, "legend.fontsize": 7.5, "axes.grid": True,
          "grid.alpha": 0.3, "axes.spines.top": False, "axes.spines.right": False, "savefig.bbox": "tight",
          "figure.constrained_layout.use": True}
-PANEL_SIZE = (4.6, 3.4)     # inches per subplot
-BAND_ALPHA = 0.2
-ATTACK_ORDER = ("finetune", "poison", "fine-prune", "restore")
-ATTACK_COLORS = {"finetune": "tab:blue", "poison": "tab:red", "fine-prune": "tab:green", "restore": "tab:purple"}
-SPARE_COLORS = ("tab:orange", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray")
-ATTACK_MARKERS = {"finetune": "o", "poison": "s", "fine-prune": "^", "restore": "D"}
-ATTACK_NAMES = {"finetune": "clean fine-tuning", "poison": "poisoned fine-tuning (BadNets)",
+_PANEL_SIZE = (4.6, 3.4)     # inches per subplot
+_BAND_ALPHA = 0.2
+_ATTACK_ORDER = ("finetune", "poison", "fine-prune", "restore")
+_ATTACK_COLORS = {"finetune": "tab:blue", "poison": "tab:red", "fine-prune": "tab:green", "restore": "tab:purple"}
+_SPARE_COLORS = ("tab:orange", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray")
+_ATTACK_MARKERS = {"finetune": "o", "poison": "s", "fine-prune": "^", "restore": "D"}
+_ATTACK_NAMES = {"finetune": "clean fine-tuning", "poison": "poisoned fine-tuning (BadNets)",
                 "fine-prune": "fine-pruning", "restore": "restore"}
-METRIC_NAMES = {"match_rate": "trigger match rate", "clean_accuracy": "clean test accuracy",
+_METRIC_NAMES = {"match_rate": "trigger match rate", "clean_accuracy": "clean test accuracy",
                 "attack_success_rate": "attack success rate", "backdoor_accuracy": "robust watermark accuracy"}
 
 
 def new_figure(ncols, title):
-    fig, axes = plt.subplots(1, ncols, figsize=(PANEL_SIZE[0] * ncols, PANEL_SIZE[1]), squeeze=False)
+    fig, axes = plt.subplots(1, ncols, figsize=(_PANEL_SIZE[0] * ncols, _PANEL_SIZE[1]), squeeze=False)
     fig.suptitle(title)
     return fig, list(axes[0])
 
 
 def style_axis(ax, xlabel, metric, title=None):
     ax.set_xlabel(xlabel)
-    ax.set_ylabel(METRIC_NAMES.get(metric, metric))
+    ax.set_ylabel(_METRIC_NAMES.get(metric, metric))
     ax.set_ylim(-0.03, 1.05)
     if title:
         ax.set_title(title)
@@ -117,6 +118,7 @@ class Entry:
     label: str
     color: str
     marker: str
+    width: float            # earlier entries are drawn wider, so a line hidden under a later one still shows
 
     @property
     def runs(self):
@@ -157,18 +159,21 @@ def phased(records):
         yield index, record
 
 
-def epoch_points(records):
-    """(key, epoch, record) at whole epochs. A later phase (say, restore after fine-tuning) continues the
-    epoch count where the previous phase ended. Steps inside an epoch belong to the early-steps view."""
-    points, offset, end, current = [], 0.0, 0.0, 0
+def whole_epochs(records):
+    """(phase, epoch offset, record) for the records at whole epochs. A later phase (say, restore after
+    fine-tuning) continues the epoch count where the previous phase ended, its offset."""
+    offset, end, current = 0.0, 0.0, 0
     for phase, record in phased(records):
         if phase != current:
             current, offset = phase, end
         if record["epoch"] == round(record["epoch"]):
-            x = offset + record["epoch"]
-            points.append(((phase, x), x, record))
-            end = max(end, x)
-    return points
+            end = max(end, offset + record["epoch"])
+            yield phase, offset, record
+
+
+def epoch_points(records):
+    """(key, epoch, record) at whole epochs; steps inside an epoch belong to the early-steps view."""
+    return [((phase, offset + r["epoch"]), offset + r["epoch"], r) for phase, offset, r in whole_epochs(records)]
 
 
 def step_points(records):
@@ -194,13 +199,12 @@ def phase_boundaries(runs):
     """(epoch, phase name) where each later phase begins, from the first run."""
     if not runs:
         return []
-    records = runs[0]["records"]
-    starts, last = [], None
-    for (phase, x), _, record in epoch_points(records):
+    starts, last = [], 0
+    for phase, offset, record in whole_epochs(runs[0]["records"]):
         if phase != last:
-            starts.append((x, record.get("phase") or ""))
+            starts.append((offset, record.get("phase") or ""))
             last = phase
-    return starts[1:]
+    return starts
 
 
 def first_epoch_end(runs):
@@ -223,23 +227,24 @@ def detection_summary(runs):
 
 # ----------------------------------------------------------------------------- drawing
 
-def draw_series(ax, series, label, color, marker, linestyle="-"):
+def draw_series(ax, series, label, color, marker, width, linestyle="-"):
     """A line with markers; a mean +- std band when several seeds contributed."""
     if not len(series.x):
         return False
     if series.seeds > 1:
         label = f"{label} (mean ± std, {series.seeds} seeds)"
-    ax.plot(series.x, series.mean, linestyle=linestyle, marker=marker, markersize=3, color=color, label=label)
+    ax.plot(series.x, series.mean, linestyle=linestyle, marker=marker, markersize=2 * width + 1, linewidth=width,
+            color=color, label=label)
     if series.seeds > 1:
         ax.fill_between(series.x, np.clip(series.mean - series.std, 0, 1), np.clip(series.mean + series.std, 0, 1),
-                        color=color, alpha=BAND_ALPHA, linewidth=0)
+                        color=color, alpha=_BAND_ALPHA, linewidth=0)
     return True
 
 
 def draw_metric_panel(ax, entries, points_of, metric, **line_style):
     """Every entry's ``metric`` on one axis; returns how many entries had it."""
-    return sum(draw_series(ax, aggregate(e.runs, points_of, metric), e.label, e.color, e.marker, **line_style)
-               for e in entries)
+    return sum(draw_series(ax, aggregate(e.runs, points_of, metric), e.label, e.color, e.marker, e.width,
+                           **line_style) for e in entries)
 
 
 def mark_phases(ax, entries):
@@ -251,8 +256,8 @@ def mark_phases(ax, entries):
                 continue
             seen.add((x, name))
             ax.axvline(x, color="0.4", linestyle=":", linewidth=1)
-            ax.annotate(name, (x, 0.02), xycoords=("data", "axes fraction"), rotation=90, fontsize=7, color="0.3",
-                        xytext=(2, 0), textcoords="offset points")
+            ax.annotate(name, (x, 0.5), xycoords=("data", "axes fraction"), rotation=90, fontsize=7, color="0.3",
+                        xytext=(2, 0), textcoords="offset points", va="center")
 
 
 def group_title(key, entries, what):
@@ -304,7 +309,7 @@ def early_steps_figure(key, entries):
         mean, std, found, seeds = detection_summary(entry.runs)
         if mean is None:
             continue
-        text = f"first detection, {entry.label}: step {mean:.0f}" + (f" ± {std:.0f}" if found > 1 else "")
+        text = f"first detection, {entry.label}: step {mean:g}" + (f" ± {std:.2g}" if found > 1 else "")
         if found < seeds:
             text += f" ({found}/{seeds} seeds)"
         ax.axvline(mean, color=entry.color, linestyle="-.", linewidth=1, label=text)
@@ -321,7 +326,10 @@ def trigger_grid_figure(images, labels, class_names, title):
     n = len(images)
     cols = min(GRID_COLUMNS, n)
     rows = -(-n // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(1.15 * cols, 1.3 * rows + 0.4), squeeze=False)
+    # a fixed layout: the constrained one is slow on a grid of many image axes, and they need no tick room
+    fig, axes = plt.subplots(rows, cols, figsize=(1.15 * cols, 1.3 * rows + 0.4), squeeze=False, layout="none")
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - 0.5 / (1.3 * rows + 0.4), wspace=0.08,
+                        hspace=0.3)
     fig.suptitle(title)
     for i, ax in enumerate(axes.flat):
         ax.axis("off")
@@ -348,7 +356,7 @@ def candidate_paths(path, results_file):
     if os.path.isabs(path):
         return [path]
     results_parent = os.path.dirname(os.path.dirname(os.path.abspath(results_file)))
-    return list(dict.fromkeys([path, os.path.join(ROOT, path), os.path.join(results_parent, path)]))
+    return list(dict.fromkeys([path, os.path.join(_ROOT, path), os.path.join(results_parent, path)]))
 
 
 def locate_triggers(results, results_file):
@@ -367,7 +375,8 @@ def locate_triggers(results, results_file):
             meta_path = os.path.join(candidate, "meta.json")
             if os.path.isdir(candidate) and os.path.exists(meta_path):
                 from fragile.triggers import read_json
-                key_file = read_json(meta_path, "trigger metadata").get("key_file")
+                meta = read_json(meta_path, "trigger metadata")
+                key_file = meta.get("key_file") if isinstance(meta, dict) else None
                 if key_file:
                     key_candidates.append(os.path.join(os.path.dirname(os.path.abspath(candidate)), key_file))
             if default_key:
@@ -388,7 +397,11 @@ def trigger_figure(results, results_file):
     """The trigger grid of one results file's model and method, or None (with a printed note)."""
     from fragile.data import DATASETS
     from fragile.triggers import load_key
-    path, key_path = locate_triggers(results, results_file)
+    try:
+        path, key_path = locate_triggers(results, results_file)
+    except UserError as e:  # e.g. an unreadable meta.json: the other figures are still worth drawing
+        print(f"note: no trigger grid for {results_file}: {e}")
+        return None
     if path is None:
         print(f"note: no trigger grid for {results_file}: triggers not found at {key_path}")
         return None
@@ -440,7 +453,7 @@ def check_config():
 
 
 def attack_rank(attack):
-    return (ATTACK_ORDER.index(attack), "") if attack in ATTACK_ORDER else (len(ATTACK_ORDER), attack)
+    return (_ATTACK_ORDER.index(attack), "") if attack in _ATTACK_ORDER else (len(_ATTACK_ORDER), attack)
 
 
 def trajectory_groups(results_list):
@@ -448,24 +461,25 @@ def trajectory_groups(results_list):
     groups = {}
     for path, results in results_list:
         if not is_trajectory(results):
-            print(f"note: {path} (attack {results['attack']}) is not a fine-tuning trajectory: "
-                  f"no trajectory figures for it")
+            print(f"note: {path} (attack {results['attack']}): not every record has a step and an epoch, "
+                  f"so no trajectory figures for it (--table draws sweeps)")
             continue
         groups.setdefault((results["arch"], results["dataset"], results["method"]), []).append((path, results))
-    colors = iter(SPARE_COLORS * 8)
+    colors = iter(_SPARE_COLORS * 8)
     spare = {}
     out = {}
     for key in sorted(groups):
         files = sorted(groups[key], key=lambda f: (attack_rank(f[1]["attack"]), f[0]))
         attacks = [r["attack"] for _, r in files]
         entries = []
-        for path, results in files:
+        for index, (path, results) in enumerate(files):
             attack = results["attack"]
-            label = ATTACK_NAMES.get(attack, attack)
+            label = _ATTACK_NAMES.get(attack, attack)
             if attacks.count(attack) > 1:
                 label += f" [{os.path.basename(path)}]"
-            color = ATTACK_COLORS.get(attack) or spare.setdefault(attack, next(colors))
-            entries.append(Entry(path, results, label, color, ATTACK_MARKERS.get(attack, "v")))
+            color = _ATTACK_COLORS.get(attack) or spare.setdefault(attack, next(colors))
+            entries.append(Entry(path, results, label, color, _ATTACK_MARKERS.get(attack, "v"),
+                                 width=max(1.0, 2.6 - 0.6 * index)))
         out[key] = entries
     return out
 
@@ -509,7 +523,7 @@ def run_hook(flag, module_name, functions, results_list):
 def main():
     apply_overrides(globals(), __doc__)
     check_config()
-    plt.rcParams.update(STYLE)
+    plt.rcParams.update(_STYLE)
     results_list = [(path, read_results(path)) for path in results_files()]
     written = draw_all(results_list)
     if TABLE:

@@ -22,6 +22,8 @@ AUGMENT = True               # the dataset's train-time augmentation (on the dev
 SEED = 0
 DEVICE = "auto"              # auto | cpu | cuda | cuda:N
 AMP = True                   # bf16 autocast on GPU (ignored on CPU)
+FAST_MATH = True             # TF32 matmuls/convolutions and cuDNN autotuning on GPU
+DATA_ON_DEVICE = True        # keep the uint8 dataset on the training device (off: on the CPU, batches copied over)
 CHANNELS_LAST = True         # channels_last memory format on GPU
 FUSED_OPTIMIZER = True       # fused (GPU) / foreach optimizer kernels
 COMPILE = False              # torch.compile the model
@@ -77,9 +79,9 @@ def main():
     out = OUT or default_checkpoint_path(ARCH, DATASET)
     check_writable(out)
     device = resolve_device(DEVICE)
-    set_fast_math(device.type == "cuda")
+    set_fast_math(FAST_MATH and device.type == "cuda")
     seed_everything(SEED)
-    spec, train, test = load_dataset(DATASET, DATA_DIR, device, TRAIN_SUBSET, SEED)
+    spec, train, test = load_dataset(DATASET, DATA_DIR, device if DATA_ON_DEVICE else "cpu", TRAIN_SUBSET, SEED)
     print(f"{DATASET}: {len(train)} train / {len(test)} test images {spec.shape}, {ARCH} on {describe_device(device)}")
 
     model = build_classifier(ARCH, spec)
@@ -87,7 +89,7 @@ def main():
     model = prepare_model(model, device, CHANNELS_LAST)
     optimizer = make_sgd(model, LR, MOMENTUM, WEIGHT_DECAY, nesterov=True, fused=FUSED_OPTIMIZER)
     train_model = torch.compile(model) if COMPILE else model
-    gen = device_generator(device, SEED)
+    gen = device_generator(train.images.device, SEED)
     steps_per_epoch = -(-len(train) // BATCH_SIZE)
     total_steps = EPOCHS * steps_per_epoch
     warmup = int(min(WARMUP_EPOCHS, 0.2 * EPOCHS) * steps_per_epoch)  # short runs still decay

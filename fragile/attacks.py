@@ -96,14 +96,16 @@ def fine_tune(model, ctx, seed, epochs, poisoned=False, extra_metrics=(), phase=
     """
     cfg = ctx.config
     seed_everything(seed)
-    gen = torch.Generator(device=ctx.device)
-    gen.manual_seed(seed)
     data = data or ctx.train
+    gen = torch.Generator(device=data.images.device)  # draws batches where the data lives
+    gen.manual_seed(seed)
+    poison_gen = torch.Generator(device=ctx.device)   # picks poisoned samples where the batch lives
+    poison_gen.manual_seed(seed + 1)
     optimizer = make_sgd(model, cfg["LR"], cfg["MOMENTUM"], cfg["WEIGHT_DECAY"], fused=cfg["FUSED_OPTIMIZER"])
     if cfg.get("CHANNELS_LAST") and ctx.device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     train_model = torch.compile(model) if cfg.get("COMPILE") else model  # measurements use the plain module
-    transform = poison_transform(cfg, gen) if poisoned else None
+    transform = poison_transform(cfg, poison_gen) if poisoned else None
     steps_per_epoch = -(-len(data) // cfg["BATCH_SIZE"])
     early = set(cfg["EARLY_STEPS"])
     records = [dict(measure(model, ctx, step_offset, 0.0, poisoned, extra_metrics), phase=phase)]

@@ -172,6 +172,12 @@ def run_trials(model, params, original, tamper, ctx, trials, gen):
     return outcomes
 
 
+def scientific(value):
+    """1e-04 style, with more digits only where they are needed (2.5e-04)."""
+    short = f"{value:.0e}"
+    return short if float(short) == value else f"{value:.3g}"
+
+
 def log_point(ctx, record):
     probability = record.get("detection_probability", float(record["detected"]))
     accuracy_text = "n/a" if record["clean_accuracy"] is None else f"{record['clean_accuracy']:.4f}"
@@ -212,7 +218,7 @@ def run_noise(ctx, seed):
         def add_noise(flat, gen, sigma=sigma):
             return flat + sigma * torch.randn(flat.shape, generator=gen).to(flat.device)
         outcomes = run_trials(model, params, original, add_noise, ctx, trials, generator(seed, "noise", sigma))
-        records.append(summarize_trials(outcomes, ctx, setting=f"sigma={sigma:.0e}", sigma=sigma))
+        records.append(summarize_trials(outcomes, ctx, setting=f"sigma={scientific(sigma)}", sigma=sigma))
         log_point(ctx, records[-1])
     return {"seed": seed, "records": records}, model
 
@@ -238,7 +244,7 @@ def run_single_weight(ctx, seed):
             gen = generator(seed, "single-weight", position, epsilon)
             outcomes = run_trials(model, params, original, scale_one, ctx, trials, gen)
             records.append(summarize_trials(outcomes, ctx, setting=f"eps={epsilon:g} ({position})", epsilon=epsilon,
-                                            position=position, weights_changed=1))
+                                            position=position, weights_changed=int(epsilon != 0)))
             log_point(ctx, records[-1])
     return {"seed": seed, "records": records, "largest_weight": float(original[largest])}, model
 
@@ -310,7 +316,7 @@ def cycling_batches(ctx, seed):
     gen = torch.Generator(device=ctx.device)
     gen.manual_seed(seed)
     while True:
-        yield from train_batches(ctx.train, ctx.config["BATCH_SIZE"], ctx.spec, gen, augmented=False)
+        yield from train_batches(ctx.train, ctx.config["OBFUSCATE_BATCH_SIZE"], ctx.spec, gen, augmented=False)
 
 
 def loss_and_grad(model, params, batch):
@@ -354,6 +360,7 @@ def obfuscate(model, ctx, k, seed):
 def run_obfuscate(ctx, seed):
     """NNSplitter-style obfuscation for every k in ``OBFUSCATE_KS``, each from the untouched model."""
     positive_int(ctx, "OBFUSCATE_STEPS")
+    positive_int(ctx, "OBFUSCATE_BATCH_SIZE")
     total = sum(p.numel() for p in matrix_weights(ctx.model))
     records, model = [], None
     for k in sweep(ctx, "OBFUSCATE_KS", 1, total):
@@ -407,32 +414,37 @@ def keep_pruned(model, pruned):
     return weight.register_hook(lambda grad: grad * mask)
 
 
-def fine_prune_model(model, ctx, seed, target):
+def fine_prune_model(model, ctx, seed, target, track_asr):
     """Prune in increasing order of mean activation until clean accuracy has dropped by
-    ``FINE_PRUNE_ACCURACY_DROP``, then fine-tune on clean data. Returns (records, pruning order)."""
+    ``FINE_PRUNE_ACCURACY_DROP``, then fine-tune on clean data. Returns (records, pruning order).
+    ``track_asr``: also measure the backdoor's attack success rate (the defense view; a test-set pass each)."""
     cfg = ctx.config
-    asr = [("attack_success_rate", lambda m: attack_success_rate(m, ctx))]
+    asr = [("attack_success_rate", lambda m: attack_success_rate(m, ctx))] if track_asr else []
+    metrics = asr + list(ctx.extras.get("metrics", ()))  # and the robust watermark, when the model has one
     rank_images = ctx.train.images[:cfg["FINE_PRUNE_RANK_SAMPLES"]]
     activation = mean_channel_activation(model, rank_images, cfg["EVAL_BATCH_SIZE"])
     order = torch.argsort(activation, stable=True).tolist()
-    start = dict(state_record(model, ctx, setting=f"unpruned ({target})", phase="prune", target=target,
-                              pruned_channels=0, attack_success_rate=attack_success_rate(model, ctx)))
+
+    def measure(**coords):
+        record = state_record(model, ctx, phase="prune", target=target, **coords)
+        record.update({name: fn(model) for name, fn in metrics})
+        return record
+
+    start = measure(setting=f"unpruned ({target})", pruned_channels=0)
     records, pruned = [start], []
     for channel in order[:-1]:  # never the last channel: the classifier would have no input left
         prune_channel(model, channel)
         pruned.append(channel)
-        record = state_record(model, ctx, setting=f"pruned ({target})", phase="prune", target=target,
-                              pruned_channels=len(pruned), channel=channel, mean_activation=float(activation[channel]),
-                              attack_success_rate=attack_success_rate(model, ctx))
-        records.append(record)
-        if start["clean_accuracy"] - record["clean_accuracy"] >= cfg["FINE_PRUNE_ACCURACY_DROP"]:
+        records.append(measure(setting=f"pruned ({target})", pruned_channels=len(pruned), channel=channel,
+                               mean_activation=float(activation[channel])))
+        if start["clean_accuracy"] - records[-1]["clean_accuracy"] >= cfg["FINE_PRUNE_ACCURACY_DROP"]:
             break
     ctx.log(f"  {target}: pruned {len(pruned)} of {len(order)} channels: clean acc {start['clean_accuracy']:.4f} -> "
-            f"{records[-1]['clean_accuracy']:.4f}, {records[-1]['flipped']} flipped, "
-            f"ASR {start['attack_success_rate']:.3f} -> {records[-1]['attack_success_rate']:.3f}")
+            f"{records[-1]['clean_accuracy']:.4f}, {records[-1]['flipped']} flipped"
+            + (f", ASR {start['attack_success_rate']:.3f} -> {records[-1]['attack_success_rate']:.3f}" if asr else ""))
     handle = keep_pruned(model, pruned)
     try:
-        tuned, _ = fine_tune(model, ctx, seed, cfg["FINE_PRUNE_EPOCHS"], extra_metrics=asr, phase="fine-tune",
+        tuned, _ = fine_tune(model, ctx, seed, cfg["FINE_PRUNE_EPOCHS"], extra_metrics=metrics, phase="fine-tune",
                              step_offset=0)
     finally:
         handle.remove()
@@ -458,28 +470,29 @@ def load_poisoned(ctx, path):
 
 
 def asr_summary(records):
+    """The defense view: the backdoor's attack success rate before, after pruning, after fine-tuning."""
     prune = [r for r in records if r["phase"] == "prune"]
     return {"before": prune[0]["attack_success_rate"], "after_pruning": prune[-1]["attack_success_rate"],
             "after_fine_tuning": records[-1]["attack_success_rate"], "pruned_channels": prune[-1]["pruned_channels"]}
 
 
 def run_fine_prune(ctx, seed):
-    """Fine-pruning as a tampering of the watermarked model and, given a poisoned copy, as a defense:
-    attack success rate before, after pruning and after fine-tuning."""
-    for name in ("FINE_PRUNE_RANK_SAMPLES",):
-        positive_int(ctx, name)
+    """Fine-pruning as a tampering of the watermarked model and, given a poisoned copy
+    (``FINE_PRUNE_POISONED_MODEL``), as a defense: attack success rate before, after pruning and after
+    fine-tuning, with the fragile watermark tracked on both."""
+    positive_int(ctx, "FINE_PRUNE_RANK_SAMPLES")
     if not 0 < ctx.config["FINE_PRUNE_ACCURACY_DROP"] <= 1:
         raise UserError("--fine-prune-accuracy-drop must lie in (0, 1]")
-    model = ctx.fresh_copy()
-    records, order = fine_prune_model(model, ctx, seed, "watermarked")
-    run = {"seed": seed, "records": records, "prune_order": order, "asr": {"watermarked": asr_summary(records)}}
     poisoned_path = ctx.config["FINE_PRUNE_POISONED_MODEL"]
-    if poisoned_path:
-        poisoned_records, poisoned_order = fine_prune_model(load_poisoned(ctx, poisoned_path), ctx, seed, "poisoned")
+    poisoned = load_poisoned(ctx, poisoned_path) if poisoned_path else None  # a bad path fails before any work
+    model = ctx.fresh_copy()
+    records, order = fine_prune_model(model, ctx, seed, "watermarked", track_asr=False)
+    run = {"seed": seed, "records": records, "prune_order": order}
+    if poisoned is not None:
+        poisoned_records, poisoned_order = fine_prune_model(poisoned, ctx, seed, "poisoned", track_asr=True)
         run["records"] += poisoned_records
-        run["poisoned_prune_order"] = poisoned_order
-        run["asr"]["poisoned"] = asr_summary(poisoned_records)
-        run["poisoned_model"] = poisoned_path
+        run.update(poisoned_model=poisoned_path, poisoned_prune_order=poisoned_order,
+                   attack_success_rate=asr_summary(poisoned_records))
     return run, model
 
 

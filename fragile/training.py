@@ -60,6 +60,7 @@ def train_steps(model, optimizer, split, spec, gen, batch_size, device, amp=Fals
     model.train()
     step = first_step
     for images, labels in train_batches(split, batch_size, spec, gen, augmented):
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)  # no-op on device
         if batch_transform is not None:
             images, labels = batch_transform(images, labels)
         if lr_for_step is not None:

@@ -180,133 +180,192 @@ def _ftg(model, spec, key, config, device, test, log=print):
 
 # ----------------------------------------------------------------------------- margin (ours)
 
-def band_penalty(margins, delta, band):
-    """Per trigger: how far its margins are outside [delta, band x delta]; falling below delta costs 10x.
+INVALID = 1e9   # any 8-bit image with a margin below the band's floor scores worse than every valid one
 
-    ``margins`` is (N, K) with +inf in the key column (ignored)."""
+
+def band_scores(margins, low, high, delta):
+    """Per trigger: (violation, excess) in units of delta. The violation is how far margins fall below
+    ``low`` (a false alarm waiting to happen), the excess sum_j log(1 + (m_j - high) / delta) over margins
+    above ``high`` (a less sensitive trigger): logarithmic, so a margin of 10 and one of 10 delta both
+    count. ``margins`` is (..., K) with +inf in the key column (ignored)."""
     finite = torch.isfinite(margins)
-    m = torch.where(finite, margins, torch.zeros_like(margins))
-    above = F.relu(m - band * delta)
-    below = F.relu(delta - m)
-    return torch.where(finite, above + 10 * below, torch.zeros_like(m)).sum(1)
+    m = torch.where(finite, margins, torch.full_like(margins, high)).double()  # INVALID + v needs float64
+    violation = (F.relu(low - m) / delta).sum(-1)
+    excess = torch.log1p(F.relu(m - high) / delta).sum(-1)
+    return violation, excess
+
+
+def grid_score(margins, low, high, delta):
+    """Lexicographic: valid triggers by their excess; invalid ones, all worse, by their violation."""
+    violation, excess = band_scores(margins, low, high, delta)
+    return torch.where(violation > 0, INVALID + violation, excess)
+
+
+def band_limits(delta, config):
+    """The band optimised for: [1.25 delta, band x delta]. The quarter delta of headroom absorbs the jitter
+    between the batches margins are measured in here and the all-at-once export check."""
+    return 1.25 * delta, setting(config, "MARGIN_BAND") * delta
+
+
+def smooth_band_loss(margins, low, high, delta):
+    """The continuous phase's loss: the excess plus ten times log(1 + violation / delta) per class, so a
+    violated margin pulls back harder than any other pulls down, without a 1/delta spike that would swamp
+    Adam's step-size estimates."""
+    finite = torch.isfinite(margins)
+    m = torch.where(finite, margins, torch.full_like(margins, high))
+    return (torch.log1p(F.relu(m - high) / delta) + 10 * torch.log1p(F.relu(low - m) / delta)).sum(-1)
 
 
 def noisy_parameters(model, sigma, gen):
-    """The model's parameters plus Gaussian noise of ``sigma`` x each tensor's RMS (a random tamper)."""
-    noisy = {}
-    for name, p in model.named_parameters():
-        rms = p.detach().pow(2).mean().sqrt().clamp_min(1e-12)
-        noisy[name] = p.detach() + sigma * rms * torch.randn(p.shape, generator=gen, device=p.device)
-    return noisy
+    """The model's parameters plus Gaussian noise of standard deviation ``sigma`` (a random tamper)."""
+    return {name: p.detach() + sigma * torch.randn(p.shape, generator=gen, device=p.device)
+            for name, p in model.named_parameters()}
 
 
-def survival(model, images, key, draws, sigma, gen, temperature):
-    """Smooth estimate, per trigger, of P(the key stays on top under random weight noise)."""
+def survival(model, images, key, draws, sigma, gen):
+    """Smooth estimate, per trigger, of P(the key label survives Gaussian weight noise of ``sigma``): the
+    mean over ``draws`` noisy copies of sigmoid(perturbed runner-up margin / its spread)."""
     from torch.func import functional_call
     buffers = dict(model.named_buffers())
-    total = 0
-    for _ in range(draws):
-        logits = functional_call(model, {**noisy_parameters(model, sigma, gen), **buffers}, (images,))
-        total = total + torch.sigmoid(key_margins(logits, key).min(1).values / temperature)
-    return total / draws
+    margins = torch.stack([key_margins(functional_call(model, {**noisy_parameters(model, sigma, gen), **buffers},
+                                                       (images,)), key).min(1).values for _ in range(draws)])
+    spread = margins.detach().std(0, keepdim=True).clamp_min(1e-12) if draws > 1 else margins.detach().abs() + 1e-12
+    return torch.sigmoid(margins / spread).mean(0)
 
 
 def continuous_margin_phase(model, starts, key, delta, config, device, log):
-    """Adam on continuous pixels whose forward pass is the 8-bit image (straight-through rounding):
-    every other class is pulled to within the band, and (optionally) the key is made unlikely to
-    survive random weight noise."""
-    band, steps = setting(config, "MARGIN_BAND"), setting(config, "MARGIN_STEPS")
+    """Adam on continuous pixels whose forward pass is the 8-bit image (straight-through rounding): every
+    other class is pulled to within the band, and (optionally) the key is made unlikely to survive random
+    weight noise. Each trigger keeps its best 8-bit iterate that has every margin above the band's floor."""
+    low, high = band_limits(delta, config)
+    steps = setting(config, "MARGIN_STEPS")
     fragility, draws = setting(config, "MARGIN_FRAGILITY"), setting(config, "MARGIN_NOISE_DRAWS")
-    sigma = setting(config, "MARGIN_NOISE_SIGMA")
     gen = torch.Generator(device=device).manual_seed(setting(config, "CONTROL_SEED"))
     x = to_float(starts.to(device)).requires_grad_(True)
+    best = starts.clone().to(device)
+    best_score = torch.full((len(key),), math.inf, device=device)
     optimizer = torch.optim.Adam([x], lr=setting(config, "MARGIN_LR"))
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, steps), eta_min=0.05 / 255)
     model.eval().requires_grad_(False)
-    for step in range(steps):
+    for step in range(steps + 1):
         images = straight_through_quantize(x)
         margins = key_margins(model(images), key)
-        # log(1 + penalty/delta): scale-free, so a margin of 10 and one of 10 delta both keep moving
-        loss = torch.log1p(band_penalty(margins, delta, band) / delta).sum()
+        with torch.no_grad():  # the forward pass saw exactly these 8-bit images
+            score = grid_score(margins, low, high, delta)
+            better = score < best_score
+            best[better], best_score[better] = quantize(x[better]), score[better]
+        if step % 50 == 0 or step == steps:
+            log(f"margin step {step}: {describe_margins(margins.detach(), delta, high)}")
+        if step == steps:
+            break
+        loss = smooth_band_loss(margins, low, high, delta).sum()
         if fragility > 0 and draws > 0:
-            loss = loss + fragility * survival(model, images, key, draws, sigma, gen, 10 * delta).sum()
+            loss = loss + fragility * survival(model, images, key, draws, setting(config, "MARGIN_NOISE_SIGMA"),
+                                               gen).sum()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         schedule.step()
         with torch.no_grad():
             x.clamp_(0, 1)
-        if step % 50 == 0 or step == steps - 1:
-            log(f"margin step {step}: {describe_margins(margins.detach(), delta, band)}")
-    return quantize(x)
+    return best
 
 
-def describe_margins(margins, delta, band):
+def describe_margins(margins, delta, high):
     finite = torch.where(torch.isfinite(margins), margins, torch.full_like(margins, math.nan))
     runner_up = margins.min(1).values
-    in_band = ((finite >= delta) & (finite <= band * delta)).sum(1).float()
+    in_band = ((finite >= delta) & (finite <= high)).sum(1).float()
     return (f"runner-up margin median {runner_up.median().item():.2e} (min {runner_up.min().item():.2e}), "
             f"classes in band {in_band.mean().item():.1f}/{margins.shape[1] - 1}, "
             f"on key {int((runner_up > 0).sum())}/{len(runner_up)}")
 
 
-def grid_objective(margins, delta, band):
-    """The 8-bit pass minimises the band penalty, in units of delta."""
-    return band_penalty(margins, delta, band) / delta
+def margin_jacobian(model, images, key):
+    """Margins (N, K) of uint8 ``images`` and their Jacobian (N, K, pixels) per 0..255 level."""
+    x = to_float(images).requires_grad_(True)
+    logits = model(x)
+    rows = [torch.autograd.grad(logits[:, c].sum(), x, retain_graph=c < logits.shape[1] - 1)[0].flatten(1)
+            for c in range(logits.shape[1])]  # samples are independent (eval mode): one pass per class
+    jac = torch.stack(rows, 1) / 255
+    jac = jac.gather(1, key[:, None, None].expand(-1, 1, jac.shape[2])) - jac
+    return key_margins(logits.detach(), key), jac
 
 
-def candidate_moves(images, grad, count):
-    """The ``count`` single-pixel +-1 moves per image that the gradient predicts to help most.
+def candidate_moves(images, margins, jac, low, high, delta, count):
+    """The ``count`` single-pixel +-1 moves per image with the best objective predicted by the linearised
+    margins, plus compound moves (the best 2, 4, 8 and 16 applied together) that cover ground faster.
 
-    Returns (flat pixel index, +1/-1) tensors of shape (N, count)."""
-    flat_u, flat_g = images.flatten(1).long(), grad.flatten(1)
-    gain_up = torch.where(flat_u < 255, -flat_g, torch.full_like(flat_g, -math.inf))  # predicted decrease
-    gain_down = torch.where(flat_u > 0, flat_g, torch.full_like(flat_g, -math.inf))
-    gains = torch.cat([gain_up, gain_down], dim=1)
-    top = gains.topk(count, dim=1).indices
-    pixels = top % flat_u.shape[1]
-    signs = torch.where(top < flat_u.shape[1], 1, -1)
-    return pixels, signs
+    Returns a list of (flat pixel indices, signs) pairs per image."""
+    flat = images.flatten(1).long()
+    pixels = flat.shape[1]
+    predicted = torch.cat([margins[:, :, None] + jac, margins[:, :, None] - jac], 2)  # (N, K, 2P)
+    objective = grid_score(predicted.transpose(1, 2), low, high, delta)               # (N, 2P)
+    at_edge = torch.cat([flat >= 255, flat <= 0], 1)
+    objective = objective.masked_fill(at_edge, math.inf)
+    order = objective.argsort(1)[:, :max(count, 16)]
+    moves = []
+    for row in order:
+        pix, sign = row % pixels, torch.where(row < pixels, 1, -1)
+        single = [(pix[i:i + 1], sign[i:i + 1]) for i in range(count)]
+        compound = []
+        for size in (2, 4, 8, 16):
+            unique, first = _first_per_pixel(pix[:size])
+            compound.append((unique, sign[:size][first]))
+        moves.append(single + compound)
+    return moves
 
 
-def apply_moves(images, pixels, signs):
-    """(N * count) candidate images: each image with one of its moves applied."""
-    n, count = pixels.shape
-    flat = images.flatten(1).long().repeat_interleave(count, dim=0)
-    rows = torch.arange(n * count, device=images.device)
-    flat[rows, pixels.flatten()] += signs.flatten()
-    return flat.clamp(0, 255).to(torch.uint8).view(n * count, *images.shape[1:])
+def _first_per_pixel(pixels):
+    """Distinct pixels in order of first appearance, and where each first appears (a +1 and a -1 move of the
+    same pixel must not both be applied)."""
+    seen, unique, first = set(), [], []
+    for i, p in enumerate(pixels.tolist()):
+        if p not in seen:
+            seen.add(p)
+            unique.append(p)
+            first.append(i)
+    return torch.tensor(unique, device=pixels.device), torch.tensor(first, device=pixels.device)
+
+
+def apply_moves(images, moves):
+    """One candidate image per (image, move): uint8 (N * moves per image, C, H, W)."""
+    out = []
+    for image, image_moves in zip(images, moves):
+        base = image.flatten().long()
+        for pixels, signs in image_moves:
+            candidate = base.clone()
+            candidate[pixels] += signs
+            out.append(candidate.clamp(0, 255))
+    return torch.stack(out).to(torch.uint8).view(-1, *images.shape[1:])
 
 
 def grid_margin_phase(model, images, key, delta, config, device, log):
-    """Greedy single-pixel +-1 moves on the 8-bit grid: each round, every trigger takes the exactly
-    evaluated best of its gradient-ranked candidate moves, if it lowers the band penalty. What is
-    optimised here is exactly the uint8 image that will be exported."""
-    band, count = setting(config, "MARGIN_BAND"), setting(config, "MARGIN_CANDIDATES")
+    """Greedy moves on the 8-bit grid: each round, every trigger takes the exactly evaluated best of its
+    candidate moves (ranked by the linearised margins) if that lowers the band penalty. What is optimised
+    here is exactly the uint8 image that will be exported."""
+    low, high = band_limits(delta, config)
+    count = setting(config, "MARGIN_CANDIDATES")
     images = images.clone().to(device)
     active = torch.ones(len(key), dtype=torch.bool, device=device)
-    for round_ in range(setting(config, "MARGIN_GRID_ROUNDS")):
-        x = to_float(images).requires_grad_(True)
-        margins = key_margins(model(x), key)
-        objective = grid_objective(margins, delta, band)
-        grad, = torch.autograd.grad(objective.sum(), x)
-        active &= objective.detach() > 0
-        if not active.any():
-            break
+    for round_ in range(setting(config, "MARGIN_GRID_ROUNDS") + 1):
         idx = torch.nonzero(active).flatten()
-        pixels, signs = candidate_moves(images[idx], grad[idx], count)
-        candidates = apply_moves(images[idx], pixels, signs)
-        with torch.no_grad():
-            cand_logits = predict_logits(model, candidates, 4096)
-            cand_obj = grid_objective(key_margins(cand_logits, key[idx].repeat_interleave(count)), delta, band)
-        best_obj, best = cand_obj.view(len(idx), count).min(1)
-        improves = best_obj < objective.detach()[idx] - 1e-9
-        chosen = idx[improves]
-        images[chosen] = candidates.view(len(idx), count, *images.shape[1:])[improves, best[improves]]
-        active[idx[~improves]] = False  # no helpful move left for these: they are as good as the grid gets
+        if len(idx) == 0:
+            break
+        margins, jac = margin_jacobian(model, images[idx], key[idx])
+        current = grid_score(margins, low, high, delta)
         if round_ % 25 == 0:
-            log(f"grid round {round_}: {describe_margins(margins.detach(), delta, band)}, "
-                f"{int(active.sum())} still moving")
+            log(f"grid round {round_}: {describe_margins(margins, delta, high)} ({len(idx)} triggers still moving)")
+        moves = candidate_moves(images[idx], margins, jac, low, high, delta, count)
+        per_image = len(moves[0])
+        candidates = apply_moves(images[idx], moves)
+        with torch.no_grad():
+            cand_margins = key_margins(predict_logits(model, candidates, 4096), key[idx].repeat_interleave(per_image))
+        cand_obj = grid_score(cand_margins, low, high, delta).view(len(idx), per_image)
+        best_obj, best = cand_obj.min(1)
+        improves = best_obj < current - 1e-6
+        images[idx[improves]] = candidates.view(len(idx), per_image, *images.shape[1:])[improves, best[improves]]
+        # finished (every margin in the band) or stuck (no move helps): as good as the grid gets here
+        active[idx[~improves | (best_obj <= 0)]] = False
     return images
 
 
