@@ -51,7 +51,7 @@ OBFUSCATE_BATCH_SIZE = 128        # clean training images per ascent step
 OBFUSCATE_STEP_SIZE = 0.05        # per step, as a fraction of the weight's layer's largest |w|
 NOISE_SIGMAS = [1e-6, 1e-5, 1e-4, 1e-3, 1e-2]   # std of the Gaussian added to every weight (absolute)
 NOISE_TRIALS = 20
-SINGLE_WEIGHT_EPSILONS = [1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0]   # one weight times (1 +- epsilon)
+SINGLE_WEIGHT_EPSILONS = [1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0]   # one weight times (1 +- epsilon)
 SINGLE_WEIGHT_TRIALS = 20
 BITFLIP_KS = [1, 10, 100]         # weights that get one flipped bit each
 BITFLIP_CLASSES = ["mantissa-low", "mantissa-high", "exponent", "sign"]
@@ -59,7 +59,7 @@ BITFLIP_TRIALS = 20
 PRUNE_RATIOS = [0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9]   # global magnitude pruning of conv/linear weights
 QUANTIZE_MODES = ["fp16", "bf16", "int8", "int8-tensor"]   # storage round trips; int8 weight-only per channel / tensor
 RESTORE_ATTACK_EPOCHS = 2         # restore: the attacker's fine-tuning first...
-RESTORE_ATTACK_LR = 0.01          # ...at a learning rate that fades a robust watermark
+RESTORE_ATTACK_LR = 0.05          # ...at a learning rate high enough to fade a robust watermark
 RESTORE_EPOCHS = 1                # then brief training on the original training data
 RESTORE_LR = 1e-3
 RESTORE_RECOVERED = 0.9           # robust watermark counts as restored at >= this fraction of its accuracy before

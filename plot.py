@@ -528,8 +528,9 @@ def main():
     written = draw_all(results_list)
     if TABLE:
         run_hook("--table", "fragile.summary", ("write_table", "sweep_figures"), results_list)
-    if COMPARE:
-        run_hook("--compare", "fragile.comparison", ("render_comparison",), results_list)
+    if COMPARE:  # only the `eval.py --attack compare` files: render_comparison refuses any other
+        comparisons = [(path, results) for path, results in results_list if results["attack"] == "compare"]
+        run_hook("--compare", "fragile.comparison", ("render_comparison",), comparisons)
     print(f"{len(written)} figure files in {FIGURES_DIR}/ from {len(results_list)} results file(s)")
 
 

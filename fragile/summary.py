@@ -13,6 +13,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from .checkpoint_io import atomic_write, atomic_write_text  # noqa: E402
 from .results import to_csv  # noqa: E402
@@ -22,6 +23,8 @@ ATTACK_ORDER = ("finetune", "poison", "fine-prune", "restore", "obfuscate", "noi
 COLUMNS = ("model", "method", "attack", "setting", "triggers_flipped", "num_triggers", "detection_probability",
            "detected", "clean_accuracy", "queries_to_detection", "notes")
 FIGURE_FORMATS = ("png", "pdf")
+METRIC_LABELS = {"match_rate": "fragile match rate", "clean_accuracy": "clean accuracy",
+                 "attack_success_rate": "BadNets attack success rate", "backdoor_accuracy": "robust watermark accuracy"}
 DPI = 150
 
 
@@ -209,7 +212,7 @@ def log_axis(ax, xs):
 def sweep_figure(panels, xlabel, title, log_x=True):
     """Detection probability, fraction of triggers flipped and clean accuracy against the swept coordinate.
     ``panels``: [(line label, points, marker)]."""
-    fig, axes = plt.subplots(1, 3, figsize=(13.5, 3.6), constrained_layout=True)
+    fig, axes = plt.subplots(1, 3, figsize=(13.5, 4.2), layout="constrained")
     fig.suptitle(title)
     ylabels = ("detection probability", "fraction of triggers flipped", "clean accuracy after")
     for column, (ax, ylabel) in enumerate(zip(axes, ylabels)):
@@ -225,8 +228,8 @@ def sweep_figure(panels, xlabel, title, log_x=True):
         ax.set_ylim(-0.03, 1.05)
         ax.grid(alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()
-    if handles:
-        axes[0].legend(fontsize=7, loc="best")
+    if handles:  # below the panels, where it hides no point
+        fig.legend(handles, labels, loc="outside lower center", ncols=min(3, len(handles)), fontsize=7)
     return fig
 
 
@@ -247,7 +250,7 @@ def fine_prune_figure(results_list):
     files = [(p, r) for p, r in results_list if r["attack"] == "fine-prune"]
     if not files:
         return None
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), constrained_layout=True)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), layout="constrained")
     fig.suptitle("fine-pruning: the fragile watermark and the backdoor, through pruning and fine-tuning")
     styles = {"match_rate": "-", "clean_accuracy": "--", "attack_success_rate": ":", "backdoor_accuracy": "-."}
     colors = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4)
@@ -262,7 +265,7 @@ def fine_prune_figure(results_list):
             for metric, style in styles.items():
                 if not any(_number(r.get(metric)) for r in mine):
                     continue
-                label = f"{target}: {metric.replace('_', ' ')}"
+                label = f"{target}: {METRIC_LABELS[metric]}"
                 axes[0].plot([r["pruned_channels"] for r in prune], [r.get(metric) for r in prune], style,
                              color=color, label=label)
                 axes[1].plot([r["epoch"] for r in tune], [r.get(metric) for r in tune], style, marker="o",
@@ -272,7 +275,9 @@ def fine_prune_figure(results_list):
     for ax in axes:
         ax.set_ylim(-0.03, 1.05)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7, loc="best")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=4, fontsize=7)
     return fig
 
 

@@ -331,30 +331,31 @@ def loss_and_grad(model, params, batch):
 def obfuscate(model, ctx, k, seed):
     """Pick the k weights with the largest loss gradient and push only those, by signed-gradient ascent,
     to maximize the clean loss. Each stays within its layer's range of values (NNSplitter keeps obfuscated
-    weights in range so a range check cannot spot them). Keeps the highest-loss iterate; returns
-    (loss before, loss after)."""
+    weights in range so a range check cannot spot them). Returns the clean loss before and after, both on
+    the batch that chose the weights."""
     cfg = ctx.config
     model.requires_grad_(True)
     params = matrix_weights(model)
     original = flatten(params)
     bound = torch.cat([p.detach().abs().max().expand(p.numel()) for p in params])
     batches = cycling_batches(ctx, seed)
-    loss_before, grad = loss_and_grad(model, params, next(batches))
+    first_batch = next(batches)
+    loss_before, grad = loss_and_grad(model, params, first_batch)
     chosen = torch.topk(grad.abs(), k).indices
     limit, step = bound[chosen], cfg["OBFUSCATE_STEP_SIZE"] * bound[chosen]
-    values, best_values, best_loss = original[chosen].clone(), original[chosen].clone(), loss_before
+    values = original[chosen].clone()
     for _ in range(cfg["OBFUSCATE_STEPS"]):
         values = torch.maximum(torch.minimum(values + step * grad[chosen].sign(), limit), -limit)
-        flat = original.clone()
-        flat[chosen] = values
-        write_flat(params, flat)
-        loss, grad = loss_and_grad(model, params, next(batches))
-        if loss > best_loss:
-            best_loss, best_values = loss, values
-    flat = original.clone()
-    flat[chosen] = best_values
-    write_flat(params, flat)
-    return loss_before, best_loss
+        write_flat(params, original.index_put((chosen,), values))
+        _, grad = loss_and_grad(model, params, next(batches))
+    # A weight the ascent left exactly where it started (pinned at its layer's bound, or stepped out and
+    # back) moves one step toward zero: obfuscation changes exactly k weights, and stays in range.
+    stuck = values == original[chosen]
+    toward_zero = torch.where(values == 0, torch.ones_like(values), -values.sign())
+    values[stuck] += step[stuck] * toward_zero[stuck]
+    write_flat(params, original.index_put((chosen,), values))
+    loss_after, _ = loss_and_grad(model, params, first_batch)
+    return loss_before, loss_after
 
 
 def run_obfuscate(ctx, seed):

@@ -243,7 +243,7 @@ def continuous_margin_phase(model, starts, key, delta, config, device, log):
     gen = torch.Generator(device=device).manual_seed(setting(config, "CONTROL_SEED"))
     x = to_float(starts.to(device)).requires_grad_(True)
     best = starts.clone().to(device)
-    best_score = torch.full((len(key),), math.inf, device=device)
+    best_score = torch.full((len(key),), math.inf, device=device, dtype=torch.float64)
     optimizer = torch.optim.Adam([x], lr=setting(config, "MARGIN_LR"))
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, steps), eta_min=0.05 / 255)
     model.eval().requires_grad_(False)

@@ -208,14 +208,22 @@ def test_table_and_compare_hooks(evaluated, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "fragile.summary", summary)
     monkeypatch.setitem(sys.modules, "fragile.comparison", comparison)
     figs = str(tmp_path / "figs")
-    args = ("--results", evaluated["finetune"], "--figures-dir", figs, "--table", "--compare", "--no-trigger-grid",
-            "--formats", "png")
+    compare = dict(evaluated["loaded"]["finetune"], attack="compare")
+    for run in compare["runs"]:  # a sweep: records with settings, no epochs
+        run["records"] = [{"attack": "noise", "setting": "sigma 0.01", "flipped": 1, "match_rate": 0.97,
+                           "detected": True}]
+    (tmp_path / "compare.json").write_text(json.dumps(compare))
+    args = ("--results", evaluated["finetune"], tmp_path / "compare.json", "--figures-dir", figs, "--table",
+            "--compare", "--no-trigger-grid", "--formats", "png")
     plot_main(monkeypatch, *args)
     assert [c[0] for c in calls] == ["table", "sweep", "compare"]
-    for _, results_list, out_dir in calls:
-        assert out_dir == figs
-        (path, results), = results_list
-        assert path == evaluated["finetune"] and results["attack"] == "finetune"
+    assert all(out_dir == figs for _, _, out_dir in calls)
+    for _, results_list, _ in calls[:2]:  # the table sees every file
+        assert [(p, r["attack"]) for p, r in results_list] == [(evaluated["finetune"], "finetune"),
+                                                                (str(tmp_path / "compare.json"), "compare")]
+    assert [(p, r["attack"]) for p, r in calls[2][1]] == [(str(tmp_path / "compare.json"), "compare")]
+    assert sorted(os.listdir(figs)) == [f"resnet8_synthetic_paper_{k}.png" for k in ("accuracy", "early_steps",
+                                                                                      "match_rate")]
 
     # a hook whose module is absent is one clear error, not an ImportError
     monkeypatch.setitem(sys.modules, "fragile.comparison", None)
