@@ -40,7 +40,7 @@ PATCH_VALUE = 255                 # patch colour, 0-255
 CHANNELS_LAST = True       # channels_last fine-tuning on GPU
 COMPILE = False            # torch.compile the fine-tuned copy
 # tamper suite (fine-prune, obfuscate, noise, single-weight, bitflip, prune, quantize, restore)
-TAMPER_ACCURACY_TRIALS = 3        # trials per sweep point that also measure clean accuracy (a test-set pass each)
+TAMPER_ACCURACY_TRIALS = 3        # per sweep point, detected and missed trials each that measure clean accuracy
 FINE_PRUNE_ACCURACY_DROP = 0.05   # prune last-layer channels until clean accuracy has dropped this much (absolute)
 FINE_PRUNE_RANK_SAMPLES = 2000    # clean training images that rank the channels by mean activation
 FINE_PRUNE_EPOCHS = 2             # clean fine-tuning after pruning (pruned channels stay pruned)

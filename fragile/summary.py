@@ -75,6 +75,10 @@ def notes(records, runs):
         value = _mean(r.get(key) for r in records)
         if value is not None:
             parts.append(f"{text} {fmt.format(value)}")
+    partly = [r for r in records if 0 < (r.get("detection_probability") or 0) < 1]
+    missed = _mean(r.get("clean_accuracy_missed") for r in partly)
+    if missed is not None:  # the tampering that got through: what did it cost?
+        parts.append(f"clean acc when missed {missed:.4f}")
     steps = [run.get("first_detection_step") for run in runs if "first_detection_step" in run]
     if steps and all(not r.get("setting") for r in records):
         found = [s for s in steps if _number(s)]

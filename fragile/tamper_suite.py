@@ -135,40 +135,53 @@ def state_record(model, ctx, **coords):
             "mean_queries_to_detection": expected_queries(state["flipped"], len(ctx.key), m)}
 
 
-def trial_outcome(model, ctx, gen, with_accuracy):
+def trial_outcome(model, ctx, gen):
     """One random trial: flipped triggers, and queries to detection with the triggers asked in a shuffled order."""
     flipped_mask = query_labels(model, ctx.triggers) != ctx.key
     order = torch.randperm(len(ctx.key), generator=gen)
-    outcome = {"flipped": int(flipped_mask.sum()),
-               "queries": queries_to_detection(flipped_mask, order, ctx.config["MAX_MISMATCHES"])}
-    if with_accuracy:
-        outcome["clean_accuracy"] = accuracy(model, ctx.test, ctx.config["EVAL_BATCH_SIZE"])
-    return outcome
+    return {"flipped": int(flipped_mask.sum()),
+            "queries": queries_to_detection(flipped_mask, order, ctx.config["MAX_MISMATCHES"])}
+
+
+def mean_or_none(values):
+    return sum(values) / len(values) if values else None
 
 
 def summarize_trials(outcomes, ctx, **coords):
     """One sweep point's record from its trials. ``detected`` is the majority verdict; the probability is
-    ``detection_probability``; ``flipped`` is the mean rounded (the schema wants an int)."""
+    ``detection_probability``; ``flipped`` is the mean rounded (the schema wants an int). Clean accuracy is
+    kept apart for detected and missed trials (a missed tampering that costs accuracy is the one that
+    matters); ``clean_accuracy`` weighs the two by the detection probability."""
     n, trials = len(ctx.key), len(outcomes)
     flips = [o["flipped"] for o in outcomes]
     queries = [o["queries"] for o in outcomes]
     found = [q for q in queries if q is not None]
-    accuracies = [o["clean_accuracy"] for o in outcomes if "clean_accuracy" in o]
     mean_flipped = sum(flips) / trials
     probability = len(found) / trials
+    caught = mean_or_none([o["clean_accuracy"] for o in outcomes if "clean_accuracy" in o and o["queries"] is not None])
+    missed = mean_or_none([o["clean_accuracy"] for o in outcomes if "clean_accuracy" in o and o["queries"] is None])
+    parts = [(w, a) for w, a in ((probability, caught), (1 - probability, missed)) if w > 0 and a is not None]
+    clean = sum(w * a for w, a in parts) / sum(w for w, _ in parts) if parts else None
     return {**coords, "flipped": int(round(mean_flipped)), "match_rate": 1 - mean_flipped / n,
             "detected": probability >= 0.5, "detection_probability": probability, "mean_flipped": mean_flipped,
-            "max_flipped": max(flips), "mean_queries_to_detection": sum(found) / len(found) if found else None,
-            "clean_accuracy": sum(accuracies) / len(accuracies) if accuracies else None, "trials": trials,
-            "flipped_per_trial": flips, "queries_per_trial": queries}
+            "max_flipped": max(flips), "mean_queries_to_detection": mean_or_none(found),
+            "clean_accuracy": clean, "clean_accuracy_detected": caught, "clean_accuracy_missed": missed,
+            "trials": trials, "flipped_per_trial": flips, "queries_per_trial": queries}
 
 
 def run_trials(model, params, original, tamper, ctx, trials, gen):
-    """``trials`` independent tamperings, each starting from the original weights; the model keeps the last."""
-    outcomes = []
-    for t in range(trials):
+    """``trials`` independent tamperings, each starting from the original weights; the model keeps the last.
+    Clean accuracy (a test-set pass) is measured on the first ``TAMPER_ACCURACY_TRIALS`` detected and the
+    first ``TAMPER_ACCURACY_TRIALS`` missed trials."""
+    outcomes, measured = [], {True: 0, False: 0}
+    for _ in range(trials):
         write_flat(params, tamper(original.clone(), gen))
-        outcomes.append(trial_outcome(model, ctx, gen, with_accuracy=t < ctx.config["TAMPER_ACCURACY_TRIALS"]))
+        outcome = trial_outcome(model, ctx, gen)
+        detected = outcome["queries"] is not None
+        if measured[detected] < ctx.config["TAMPER_ACCURACY_TRIALS"]:
+            measured[detected] += 1
+            outcome["clean_accuracy"] = accuracy(model, ctx.test, ctx.config["EVAL_BATCH_SIZE"])
+        outcomes.append(outcome)
     return outcomes
 
 

@@ -36,7 +36,7 @@ DEFAULTS = {
     "MARGIN_LR": 2.0 / 255,       # their initial step, in [0, 1] pixel units (cosine decay)
     "MARGIN_FRAGILITY": 1.0,      # weight of the expected-survival term (0: margins only)
     "MARGIN_NOISE_DRAWS": 4,      # weight-noise draws per step for that term
-    "MARGIN_NOISE_SIGMA": 1e-3,   # their standard deviation (relative to each tensor's RMS)
+    "MARGIN_NOISE_SIGMA": 1e-4,   # their standard deviation (absolute, on every parameter)
     "MARGIN_GRID_ROUNDS": 200,    # rounds of single-pixel +-1 moves on the 8-bit grid
     "MARGIN_CANDIDATES": 32,      # moves per trigger evaluated exactly in each round
 }
@@ -151,8 +151,8 @@ def _ftg(model, spec, key, config, device, test, log=print):
     measured benign jitter (without that floor the export itself would be a coin toss)."""
     starts = natural_starts(model, test, key, spec.num_classes, device, least_confident=False,
                             seed=setting(config, "CONTROL_SEED"))
-    jitter, _ = benign_delta(model, starts, config, device, log)
-    floor = max(jitter["max"], 1e-12)
+    jitter = measure_jitter(model, starts.to(device))
+    floor = calibrate_delta(jitter, 1.0)  # the jitter itself (safety factor 1): just enough to export
     key_t = torch.tensor(key, device=device)
     x = to_float(starts.to(device)).requires_grad_(True)
     best, best_var = starts.clone().to(device), torch.full((len(key),), math.inf, device=device)
@@ -207,13 +207,21 @@ def band_limits(delta, config):
     return 1.25 * delta, setting(config, "MARGIN_BAND") * delta
 
 
-def smooth_band_loss(margins, low, high, delta):
-    """The continuous phase's loss: the excess plus ten times log(1 + violation / delta) per class, so a
-    violated margin pulls back harder than any other pulls down, without a 1/delta spike that would swamp
-    Adam's step-size estimates."""
+def coarse_band_loss(margins, target, tau):
+    """The continuous phase's loss: a pseudo-Huber distance of every margin to ``target`` (a few delta),
+    at scale ``tau``, three times as steep below the target as above. Each class pulls with a bounded
+    force, so the far classes and the runner-up all move; ``tau`` shrinks from coarse to fine over the
+    run. Margins far below delta are left to the 8-bit grid phase, which restores them first."""
     finite = torch.isfinite(margins)
-    m = torch.where(finite, margins, torch.full_like(margins, high))
-    return (torch.log1p(F.relu(m - high) / delta) + 10 * torch.log1p(F.relu(low - m) / delta)).sum(-1)
+    d = torch.where(finite, margins, torch.full_like(margins, target)) - target
+    return (torch.sqrt(d * d + tau * tau) * torch.where(d < 0, 3.0, 1.0)).sum(-1)
+
+
+def tau_at(step, steps, delta):
+    """From 0.3 logits down to 20 delta, geometrically: the continuous phase cannot resolve finer than
+    what one 8-bit level of one pixel moves, which is the grid phase's job."""
+    frac = step / max(1, steps)
+    return math.exp(math.log(0.3) * (1 - frac) + math.log(20 * delta) * frac)
 
 
 def noisy_parameters(model, sigma, gen):
@@ -235,8 +243,9 @@ def survival(model, images, key, draws, sigma, gen):
 
 def continuous_margin_phase(model, starts, key, delta, config, device, log):
     """Adam on continuous pixels whose forward pass is the 8-bit image (straight-through rounding): every
-    other class is pulled to within the band, and (optionally) the key is made unlikely to survive random
-    weight noise. Each trigger keeps its best 8-bit iterate that has every margin above the band's floor."""
+    other class is pulled toward the band, and (optionally) the key is made unlikely to survive random
+    weight noise. Returns the last 8-bit iterate (where the key may have slipped to second place by a
+    hair: the grid phase restores it first) and, per trigger, the best valid 8-bit iterate as a fallback."""
     low, high = band_limits(delta, config)
     steps = setting(config, "MARGIN_STEPS")
     fragility, draws = setting(config, "MARGIN_FRAGILITY"), setting(config, "MARGIN_NOISE_DRAWS")
@@ -258,7 +267,7 @@ def continuous_margin_phase(model, starts, key, delta, config, device, log):
             log(f"margin step {step}: {describe_margins(margins.detach(), delta, high)}")
         if step == steps:
             break
-        loss = smooth_band_loss(margins, low, high, delta).sum()
+        loss = coarse_band_loss(margins, (low + high) / 2, tau_at(step, steps, delta)).sum()
         if fragility > 0 and draws > 0:
             loss = loss + fragility * survival(model, images, key, draws, setting(config, "MARGIN_NOISE_SIGMA"),
                                                gen).sum()
@@ -268,7 +277,7 @@ def continuous_margin_phase(model, starts, key, delta, config, device, log):
         schedule.step()
         with torch.no_grad():
             x.clamp_(0, 1)
-    return best
+    return quantize(x), best
 
 
 def describe_margins(margins, delta, high):
@@ -312,7 +321,33 @@ def candidate_moves(images, margins, jac, low, high, delta, count):
             unique, first = _first_per_pixel(pix[:size])
             compound.append((unique, sign[:size][first]))
         moves.append(single + compound)
+    for image_moves, m, j, u in zip(moves, margins, jac, flat):
+        image_moves += projected_moves(m, j, u, high, delta) or [image_moves[0]] * len(PROJECTED_SIZES)
     return moves
+
+
+PROJECTED_SIZES = (2, 4, 8, 16, 32, 64)
+
+
+def projected_moves(margins, jac, flat, high, delta):
+    """Compound moves that pull the classes above the band down while holding the ones already in it:
+    the excess's descent direction projected onto the null space of the in-band margins' gradients,
+    rounded to +-1 on its largest pixels. A single pixel moves every margin at once, so once a few
+    classes sit in a band a few delta wide nearly every single move knocks one out; these do not
+    (to first order). Returns [] when no class is above the band."""
+    finite = torch.isfinite(margins)
+    above, held = finite & (margins > high), finite & (margins <= high)
+    if not above.any():
+        return []
+    direction = -(jac[above] / (margins[above] - high + delta)[:, None]).sum(0)
+    if held.any():
+        a = jac[held].double()
+        gram = a @ a.T + 1e-12 * torch.eye(len(a), dtype=a.dtype, device=a.device)
+        direction = direction - (a.T @ torch.linalg.solve(gram, a @ direction.double())).to(direction.dtype)
+    blocked = ((direction > 0) & (flat >= 255)) | ((direction < 0) & (flat <= 0))
+    strength = direction.abs().masked_fill(blocked, 0)
+    order = strength.argsort(descending=True)
+    return [(order[:size], torch.where(direction[order[:size]] > 0, 1, -1)) for size in PROJECTED_SIZES]
 
 
 def _first_per_pixel(pixels):
@@ -369,6 +404,16 @@ def grid_margin_phase(model, images, key, delta, config, device, log):
     return images
 
 
+def keep_valid(model, images, fallback, key, delta):
+    """Any trigger the grid phase left below delta falls back to its best valid continuous iterate."""
+    with torch.no_grad():
+        runner_up = key_margins(predict_logits(model, images, len(images)), key).min(1).values
+    invalid = runner_up < delta
+    images = images.clone()
+    images[invalid] = fallback[invalid]
+    return images
+
+
 def margin_stats(model, triggers, key, delta, band, device):
     with torch.no_grad():
         margins = key_margins(predict_logits(model, triggers.to(device), len(triggers)), key).cpu()
@@ -399,8 +444,9 @@ def _margin(model, spec, key, config, device, test, log=print):
     jitter, delta = benign_delta(model, starts, config, device, log)
     key_t = torch.tensor(key, device=device)
     band = setting(config, "MARGIN_BAND")
-    images = continuous_margin_phase(model, starts, key_t, delta, config, device, log)
+    images, fallback = continuous_margin_phase(model, starts, key_t, delta, config, device, log)
     images = grid_margin_phase(model, images, key_t, delta, config, device, log)
+    images = keep_valid(model, images, fallback, key_t, delta)
     final_jitter = measure_jitter(model, images)
     stats = margin_stats(model, images, key_t, delta, band, device)
     if stats["runner_up_min"] < delta:

@@ -14,7 +14,7 @@ def finetune_and_poison(watermarked, tmp_path_factory):
     common = ["--model", watermarked["model"], "--epochs", 1, "--batch-size", 32, "--test-subset", 300,
               "--device", "cpu", "--results-dir", out, "--no-progress"]
     run_script("eval.py", *common, "--attack", "finetune")
-    run_script("eval.py", *common, "--attack", "poison", "--lr", 1e-2)
+    run_script("eval.py", *common, "--attack", "poison", "--lr", 1e-2, "--poison-fraction", 0.2)
     return {name: read_results(str(out / f"resnet8_synthetic_paper_{name}.json")) for name in ("finetune", "poison")}, out
 
 
@@ -32,7 +32,7 @@ def test_clean_fine_tuning_breaks_the_watermark_within_the_first_epoch(finetune_
 def test_poisoning_raises_the_attack_success_rate(finetune_and_poison):
     records = finetune_and_poison[0]["poison"]["runs"][0]["records"]
     before, after = records[0]["attack_success_rate"], records[-1]["attack_success_rate"]
-    assert after > before + 0.3, (before, after)
+    assert after > before + 0.2 and after > 10 * before, (before, after)
 
 
 def test_results_schema(finetune_and_poison):

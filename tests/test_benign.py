@@ -1,0 +1,136 @@
+"""The benign-change matrix (issue 6): an untouched model must verify under every harmless change, the jitter
+it measures calibrates delta, and the comparison renders every method side by side."""
+import json
+import os
+
+import pytest
+import torch
+
+from conftest import run_script
+from fragile import benign, comparison, trigger_methods
+from fragile.checkpoint_io import load_classifier, read_checkpoint
+from fragile.cli import UserError
+from fragile.data import get_spec, load_split
+from fragile.results import read_results
+
+
+@pytest.fixture(scope="module")
+def model_and_meta(watermarked):
+    model, meta = load_classifier(watermarked["model"])
+    return model, meta
+
+
+@pytest.fixture(scope="module")
+def margin_set(model_and_meta):
+    """A few margin triggers made in-process: the closest to the boundary any method gets."""
+    model, _ = model_and_meta
+    spec = get_spec("synthetic")
+    key = torch.randint(0, spec.num_classes, (12,), generator=torch.Generator().manual_seed(5)).tolist()
+    config = {"MARGIN_STEPS": 40, "MARGIN_GRID_ROUNDS": 30, "MARGIN_NOISE_DRAWS": 2}
+    triggers, info = trigger_methods.generate("margin", model, spec, key, config, torch.device("cpu"),
+                                              load_split(spec, "data", False))
+    return triggers, key, info["meta"]
+
+
+def test_measure_jitter_covers_the_settings(model_and_meta, watermarked):
+    model, meta = model_and_meta
+    images = load_split(get_spec("synthetic"), "data", False).images[:20]
+    jitter = benign.measure_jitter(model, images, model_meta=meta)
+    names = set(jitter["per_setting"])
+    assert {"batch size 1", "1 thread", "channels_last", "checkpoint round trip"} <= names
+    assert jitter["per_setting"]["checkpoint round trip"] == 0.0  # bit-exact weights
+    assert 0 <= jitter["max"] < 1e-3 and jitter["logit_scale"] > 0
+
+
+def test_calibrate_delta_has_an_ulp_floor_and_rejects_a_small_safety_factor():
+    exact = {"max": 0.0, "logit_scale": 10.0, "per_setting": {}}
+    floor = benign.ULP_FLOOR_FACTOR * torch.finfo(torch.float32).eps * 10.0
+    assert benign.calibrate_delta(exact, 10) == pytest.approx(10 * floor)
+    assert benign.calibrate_delta({"max": 1e-3, "logit_scale": 10.0}, 4) == pytest.approx(4e-3)
+    with pytest.raises(UserError, match="safety factor"):
+        benign.calibrate_delta(exact, 0.5)
+
+
+def test_margin_triggers_raise_no_false_alarm(model_and_meta, margin_set):
+    model, meta = model_and_meta
+    triggers, key, trigger_meta = margin_set
+    assert trigger_meta["delta"] > 0 and "benign_jitter" in trigger_meta
+    records = benign.benign_records(model, triggers, key, model_meta=meta,
+                                    alternatives={"a copy of the tensor": triggers.clone()})
+    assert records and not any(r["detected"] for r in records), [r for r in records if r["detected"]]
+    summary = benign.summarize_benign(records)
+    assert summary["false_alarms"] == 0 and summary["max_logit_jitter"] < trigger_meta["delta"]
+    assert min(r["min_margin"] for r in records if r["min_margin"] is not None) >= trigger_meta["delta"] / 2
+
+
+def test_eval_benign_flags_nothing_on_the_untouched_model(watermarked, tmp_path):
+    run_script("eval.py", "--model", watermarked["model"], "--attack", "benign", "--device", "cpu",
+               "--results-dir", tmp_path, "--no-progress")
+    results = read_results(str(tmp_path / "resnet8_synthetic_paper_benign.json"))
+    records = results["runs"][0]["records"]
+    settings = {r["setting"] for r in records}
+    assert {"batch size 1", "1 thread", "checkpoint round trip", "tensor triggers (triggers.pt) vs PNG"} <= settings
+    assert not any(r["detected"] for r in records)
+    assert all("max_logit_jitter" in r for r in records)
+    assert results["runs"][0]["false_alarms"] == 0
+
+
+def test_queries_to_detection():
+    assert comparison.queries_to_detection(0, 100) is None
+    assert comparison.queries_to_detection(100, 100) == 1.0
+    assert comparison.queries_to_detection(75, 100) == pytest.approx(101 / 76)
+
+
+def test_perturbations_are_the_same_for_every_method(model_and_meta):
+    import copy
+    model, _ = model_and_meta
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    comparison.add_weight_noise(a, 1e-4, comparison.perturbation_generator(0, 10, 3))
+    comparison.add_weight_noise(b, 1e-4, comparison.perturbation_generator(0, 10, 3))
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    name, index = comparison.nudge_single_weight(a, 1e-3, comparison.perturbation_generator(0, 2, 0))
+    assert (dict(a.named_parameters())[name].view(-1)[index] - dict(b.named_parameters())[name].view(-1)[index]).item() \
+        == pytest.approx(1e-3, rel=1e-3)
+
+
+@pytest.fixture(scope="module")
+def compare_results(watermarked, tmp_path_factory):
+    """eval.py --attack compare on the fixture's paper triggers, with few trials and a small fine-tuning set."""
+    out = tmp_path_factory.mktemp("compare")
+    run_script("eval.py", "--model", watermarked["model"], "--attack", "compare", "--device", "cpu",
+               "--results-dir", out, "--compare-trials", 2, "--train-subset", 512, "--test-subset", 200,
+               "--early-steps", "--no-progress")
+    path = str(out / "resnet8_synthetic_paper_compare.json")
+    return path, read_results(path)
+
+
+def test_compare_records_every_attack_and_the_benign_matrix(compare_results):
+    _, results = compare_results
+    records = results["runs"][0]["records"]
+    attacks = {r["attack"] for r in records}
+    assert attacks == {"finetune", "noise", "single_weight", "obfuscate", "benign"}
+    assert len([r for r in records if r["attack"] == "noise"]) == 3 * 2
+    assert not any(r["detected"] for r in records if r["attack"] == "benign")
+    assert all(r["queries_to_detection"] is None or r["queries_to_detection"] >= 1
+               for r in records if r["attack"] != "benign")
+
+
+def test_render_comparison_writes_table_csv_and_figure(compare_results, tmp_path):
+    path, results = compare_results
+    other = json.loads(json.dumps(results))
+    other["method"] = "margin"
+    paths = comparison.render_comparison([(path, results), ("margin.json", other)], str(tmp_path))
+    table = open(paths["md"]).read()
+    assert "| paper | fine-tune 1 epoch |" in table and "| margin |" in table
+    assert os.path.getsize(paths["png"]) > 0 and "flipped_fraction" in open(paths["csv"]).read()
+
+
+def test_render_comparison_refuses_mixed_models_and_other_attacks(compare_results, tmp_path):
+    path, results = compare_results
+    other = dict(results, method="margin", weights_sha256="0" * 64)
+    with pytest.raises(UserError, match="different models"):
+        comparison.render_comparison([(path, results), ("x.json", other)], str(tmp_path))
+    with pytest.raises(UserError, match="not a comparison"):
+        comparison.render_comparison([(path, dict(results, attack="noise"))], str(tmp_path))
+    with pytest.raises(UserError, match="no comparison results"):
+        comparison.render_comparison([], str(tmp_path))
