@@ -35,8 +35,8 @@ MARGIN_SAFETY = 10.0       # margin: delta = this x the largest benign logit jit
 MARGIN_BAND = 4.0          # margin: every other class is driven to within band x delta of the key class
 MARGIN_STEPS = 300         # margin: straight-through 8-bit Adam steps
 MARGIN_LR = 2.0 / 255      # margin: their initial step, in [0, 1] pixel units (cosine decay)
-MARGIN_FRAGILITY = 1.0     # margin: weight of the expected-survival-under-weight-noise term (0: off)
-MARGIN_NOISE_DRAWS = 4     # margin: weight-noise draws per step for that term
+MARGIN_POOL = 3            # margin: candidates optimised per key entry; the most fragile one is kept
+MARGIN_SELECT_DRAWS = 32   # margin: random weight-noise copies of the model that measure fragility
 MARGIN_NOISE_SIGMA = 1e-4  # margin: their standard deviation (absolute, on every parameter)
 MARGIN_GRID_ROUNDS = 200   # margin: rounds of single-pixel +-1 moves on the 8-bit grid
 MARGIN_CANDIDATES = 32     # margin: moves per trigger evaluated exactly in each round

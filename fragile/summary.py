@@ -129,7 +129,7 @@ def _fmt(value, digits):
 
 
 def markdown_row(row):
-    flipped = f"{row['triggers_flipped']:.3g}/{row['num_triggers']}"
+    flipped = ("-" if row["triggers_flipped"] is None else f"{row['triggers_flipped']:.3g}") + f"/{row['num_triggers']}"
     detected = ("yes" if row["detected"] else "no") + (
         f" ({row['detection_probability']:.2f})" if 0 < row["detection_probability"] < 1 else "")
     cells = (row["model"], row["method"], row["attack"], row["setting"], flipped, detected,

@@ -34,8 +34,8 @@ DEFAULTS = {
     "MARGIN_BAND": 4.0,           # every other class is driven to within band x delta of the key class
     "MARGIN_STEPS": 300,          # continuous (straight-through 8-bit) Adam steps
     "MARGIN_LR": 2.0 / 255,       # their initial step, in [0, 1] pixel units (cosine decay)
-    "MARGIN_FRAGILITY": 1.0,      # weight of the expected-survival term (0: margins only)
-    "MARGIN_NOISE_DRAWS": 4,      # weight-noise draws per step for that term
+    "MARGIN_POOL": 3,             # candidates optimised per key entry; the most fragile one is kept
+    "MARGIN_SELECT_DRAWS": 32,    # random weight-noise copies of the model that measure fragility
     "MARGIN_NOISE_SIGMA": 1e-4,   # their standard deviation (absolute, on every parameter)
     "MARGIN_GRID_ROUNDS": 200,    # rounds of single-pixel +-1 moves on the 8-bit grid
     "MARGIN_CANDIDATES": 32,      # moves per trigger evaluated exactly in each round
@@ -224,32 +224,12 @@ def tau_at(step, steps, delta):
     return math.exp(math.log(0.3) * (1 - frac) + math.log(20 * delta) * frac)
 
 
-def noisy_parameters(model, sigma, gen):
-    """The model's parameters plus Gaussian noise of standard deviation ``sigma`` (a random tamper)."""
-    return {name: p.detach() + sigma * torch.randn(p.shape, generator=gen, device=p.device)
-            for name, p in model.named_parameters()}
-
-
-def survival(model, images, key, draws, sigma, gen):
-    """Smooth estimate, per trigger, of P(the key label survives Gaussian weight noise of ``sigma``): the
-    mean over ``draws`` noisy copies of sigmoid(perturbed runner-up margin / its spread)."""
-    from torch.func import functional_call
-    buffers = dict(model.named_buffers())
-    margins = torch.stack([key_margins(functional_call(model, {**noisy_parameters(model, sigma, gen), **buffers},
-                                                       (images,)), key).min(1).values for _ in range(draws)])
-    spread = margins.detach().std(0, keepdim=True).clamp_min(1e-12) if draws > 1 else margins.detach().abs() + 1e-12
-    return torch.sigmoid(margins / spread).mean(0)
-
-
 def continuous_margin_phase(model, starts, key, delta, config, device, log):
     """Adam on continuous pixels whose forward pass is the 8-bit image (straight-through rounding): every
-    other class is pulled toward the band, and (optionally) the key is made unlikely to survive random
-    weight noise. Returns the last 8-bit iterate (where the key may have slipped to second place by a
+    other class is pulled toward the band. Returns the last 8-bit iterate (where the key may have slipped to second place by a
     hair: the grid phase restores it first) and, per trigger, the best valid 8-bit iterate as a fallback."""
     low, high = band_limits(delta, config)
     steps = setting(config, "MARGIN_STEPS")
-    fragility, draws = setting(config, "MARGIN_FRAGILITY"), setting(config, "MARGIN_NOISE_DRAWS")
-    gen = torch.Generator(device=device).manual_seed(setting(config, "CONTROL_SEED"))
     x = to_float(starts.to(device)).requires_grad_(True)
     best = starts.clone().to(device)
     best_score = torch.full((len(key),), math.inf, device=device, dtype=torch.float64)
@@ -268,9 +248,6 @@ def continuous_margin_phase(model, starts, key, delta, config, device, log):
         if step == steps:
             break
         loss = coarse_band_loss(margins, (low + high) / 2, tau_at(step, steps, delta)).sum()
-        if fragility > 0 and draws > 0:
-            loss = loss + fragility * survival(model, images, key, draws, setting(config, "MARGIN_NOISE_SIGMA"),
-                                               gen).sum()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -321,33 +298,7 @@ def candidate_moves(images, margins, jac, low, high, delta, count):
             unique, first = _first_per_pixel(pix[:size])
             compound.append((unique, sign[:size][first]))
         moves.append(single + compound)
-    for image_moves, m, j, u in zip(moves, margins, jac, flat):
-        image_moves += projected_moves(m, j, u, high, delta) or [image_moves[0]] * len(PROJECTED_SIZES)
     return moves
-
-
-PROJECTED_SIZES = (2, 4, 8, 16, 32, 64)
-
-
-def projected_moves(margins, jac, flat, high, delta):
-    """Compound moves that pull the classes above the band down while holding the ones already in it:
-    the excess's descent direction projected onto the null space of the in-band margins' gradients,
-    rounded to +-1 on its largest pixels. A single pixel moves every margin at once, so once a few
-    classes sit in a band a few delta wide nearly every single move knocks one out; these do not
-    (to first order). Returns [] when no class is above the band."""
-    finite = torch.isfinite(margins)
-    above, held = finite & (margins > high), finite & (margins <= high)
-    if not above.any():
-        return []
-    direction = -(jac[above] / (margins[above] - high + delta)[:, None]).sum(0)
-    if held.any():
-        a = jac[held].double()
-        gram = a @ a.T + 1e-12 * torch.eye(len(a), dtype=a.dtype, device=a.device)
-        direction = direction - (a.T @ torch.linalg.solve(gram, a @ direction.double())).to(direction.dtype)
-    blocked = ((direction > 0) & (flat >= 255)) | ((direction < 0) & (flat <= 0))
-    strength = direction.abs().masked_fill(blocked, 0)
-    order = strength.argsort(descending=True)
-    return [(order[:size], torch.where(direction[order[:size]] > 0, 1, -1)) for size in PROJECTED_SIZES]
 
 
 def _first_per_pixel(pixels):
@@ -437,30 +388,73 @@ def margin_starts(model, spec, key, config, device, test):
     raise UserError(f"unknown margin start {start!r}: choose natural, noise or paper")
 
 
+# Fragility is measured with noise drawn from this seed (plus CONTROL_SEED): far from the small seeds the
+# comparison's attacks use (fragile/comparison.py), so selection never sees the perturbations it is scored on.
+SELECTION_SEED = 987_654_321
+
+
+@torch.no_grad()
+def estimated_flip_rate(model, images, key, sigma, draws, seed):
+    """Per trigger: the fraction of ``draws`` copies of the model with Gaussian noise of ``sigma`` on every
+    parameter under which its label leaves the key -- how likely a random tamper is to expose it."""
+    import copy
+    gen = torch.Generator().manual_seed(seed)
+    flips = torch.zeros(len(images))
+    for _ in range(draws):
+        noisy = copy.deepcopy(model)
+        for p in noisy.parameters():
+            p.add_(sigma * torch.randn(p.shape, generator=gen).to(p.device))
+        flips += (predict_logits(noisy, images, 4096).argmax(1).cpu() != key.cpu()).float()
+    return flips / max(1, draws)
+
+
+def select_most_fragile(model, candidates, key, pool, delta, config):
+    """Of the ``pool`` candidates made for each key entry (entry i's are i, i + n, i + 2n, ...), keep the
+    valid one (every margin >= delta) that random weight noise flips most often."""
+    n = len(key) // pool
+    with torch.no_grad():
+        runner_up = key_margins(predict_logits(model, candidates, len(candidates)), key).min(1).values.cpu()
+    rate = estimated_flip_rate(model, candidates, key, setting(config, "MARGIN_NOISE_SIGMA"),
+                               setting(config, "MARGIN_SELECT_DRAWS"), SELECTION_SEED + setting(config, "CONTROL_SEED"))
+    score = torch.where(runner_up >= delta, rate, torch.full_like(rate, -1.0)).view(pool, n)
+    choice = score.argmax(0) * n + torch.arange(n)
+    return choice, rate
+
+
 def _margin(model, spec, key, config, device, test, log=print):
-    """Ours: calibrate delta from the benign jitter, then drive every trigger's margin over every other
-    class into [delta, band x delta], first with straight-through 8-bit Adam, then on the 8-bit grid."""
-    starts = margin_starts(model, spec, key, config, device, test)
+    """Ours: calibrate delta from the benign jitter; drive the margin of the key over every other class into
+    [delta, band x delta], first with straight-through 8-bit Adam, then on the 8-bit grid; of several such
+    candidates per key entry keep the one random weight noise flips most often."""
+    pool = setting(config, "MARGIN_POOL")
+    if pool < 1:
+        raise UserError(f"--margin-pool must be at least 1 (got {pool})")
+    pooled_key = list(key) * pool
+    starts = margin_starts(model, spec, pooled_key, config, device, test)
     jitter, delta = benign_delta(model, starts, config, device, log)
-    key_t = torch.tensor(key, device=device)
+    key_t = torch.tensor(pooled_key, device=device)
     band = setting(config, "MARGIN_BAND")
     images, fallback = continuous_margin_phase(model, starts, key_t, delta, config, device, log)
     images = grid_margin_phase(model, images, key_t, delta, config, device, log)
     images = keep_valid(model, images, fallback, key_t, delta)
+    choice, rate = select_most_fragile(model, images, key_t, pool, delta, config)
+    images, starts, key_t = images[choice], starts[choice.to(starts.device)], key_t[choice.to(device)]
     final_jitter = measure_jitter(model, images)
     stats = margin_stats(model, images, key_t, delta, band, device)
     if stats["runner_up_min"] < delta:
         raise UserError(f"a margin trigger ended {stats['runner_up_min']:.2e} above its runner-up, below delta "
                         f"{delta:.2e}: raise --margin-grid-rounds or --margin-steps")
+    stats.update(estimated_flip_rate_kept=rate[choice].mean().item(), estimated_flip_rate_all=rate.mean().item())
     log(f"margins: runner-up min {stats['runner_up_min']:.2e}, median {stats['runner_up_median']:.2e}; "
         f"{stats['mean_classes_in_band']:.1f} classes in band on average; jitter on the triggers "
-        f"{final_jitter['max']:.2e} (delta {delta:.2e})")
+        f"{final_jitter['max']:.2e} (delta {delta:.2e}); estimated flip rate under noise "
+        f"{stats['estimated_flip_rate_kept']:.2f} (all candidates {stats['estimated_flip_rate_all']:.2f})")
     meta = {"delta": delta, "delta_safety_factor": setting(config, "MARGIN_SAFETY"), "band": band,
             "benign_jitter": jitter, "benign_jitter_on_triggers": final_jitter, "margins": stats,
-            "start": setting(config, "MARGIN_START")}
+            "start": setting(config, "MARGIN_START"), "pool": pool,
+            "selection_noise_sigma": setting(config, "MARGIN_NOISE_SIGMA")}
     if setting(config, "MARGIN_START") == "natural":
         meta["psnr_to_start"] = psnr_summary(images, starts)
-    return images.cpu(), {"start_images": starts, "meta": meta}
+    return images.cpu(), {"start_images": starts.cpu(), "meta": meta}
 
 
 METHODS = {"paper": _paper, "random": _random, "natural": _natural, "ftg": _ftg, "margin": _margin}

@@ -26,7 +26,7 @@ def margin_set(model_and_meta):
     model, _ = model_and_meta
     spec = get_spec("synthetic")
     key = torch.randint(0, spec.num_classes, (12,), generator=torch.Generator().manual_seed(5)).tolist()
-    config = {"MARGIN_STEPS": 40, "MARGIN_GRID_ROUNDS": 30, "MARGIN_NOISE_DRAWS": 2}
+    config = {"MARGIN_STEPS": 40, "MARGIN_GRID_ROUNDS": 30, "MARGIN_POOL": 2, "MARGIN_SELECT_DRAWS": 8}
     triggers, info = trigger_methods.generate("margin", model, spec, key, config, torch.device("cpu"),
                                               load_split(spec, "data", False))
     return triggers, key, info["meta"]

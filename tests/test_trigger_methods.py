@@ -20,7 +20,7 @@ NUM_TRIGGERS = 20
 # Few steps: the synthetic resnet8 is small and these tests check behaviour, not the best numbers.
 FAST_FLAGS = {"random": [], "natural": [],
               "ftg": ["--ftg-steps", 60],
-              "margin": ["--margin-steps", 60, "--margin-grid-rounds", 40, "--margin-noise-draws", 2]}
+              "margin": ["--margin-steps", 60, "--margin-grid-rounds", 40, "--margin-pool", 2, "--margin-select-draws", 8]}
 
 
 @pytest.fixture(scope="module")
