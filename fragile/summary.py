@@ -69,9 +69,9 @@ def row_label(setting, record):
 def notes(records, runs):
     """Side measurements worth a glance: weights changed, ASR, robust watermark, pruning, first detection."""
     parts = []
-    for key, text, fmt in (("weights_changed", "weights changed", "{:.0f}"), ("pruned_channels", "channels pruned", "{:.0f}"),
-                           ("attack_success_rate", "ASR", "{:.3f}"), ("backdoor_accuracy", "robust wm acc", "{:.2f}"),
-                           ("trials", "trials", "{:.0f}")):
+    for key, text, fmt in (("weights_changed", "weights changed", "{:.0f}"),
+                           ("pruned_channels", "channels pruned", "{:.0f}"), ("attack_success_rate", "ASR", "{:.3f}"),
+                           ("backdoor_accuracy", "robust wm acc", "{:.2f}"), ("trials", "trials", "{:.0f}")):
         value = _mean(r.get(key) for r in records)
         if value is not None:
             parts.append(f"{text} {fmt.format(value)}")
@@ -292,9 +292,11 @@ def sweep_figures(results_list, out_dir):
                 "Gaussian weight noise", [sweep_series(results_list, "noise", "sigma")]),
                ("tamper_detection_vs_k", "weights changed k",
                 "k weights: obfuscated (NNSplitter-style) or one bit flipped in each",
-                [sweep_series(results_list, "obfuscate", "k"), sweep_series(results_list, "bitflip", "k", "bit_class")]),
+                [sweep_series(results_list, "obfuscate", "k"),
+                 sweep_series(results_list, "bitflip", "k", "bit_class")]),
                ("tamper_detection_vs_epsilon", "relative change epsilon of one weight",
-                "one weight times (1 +- epsilon)", [sweep_series(results_list, "single-weight", "epsilon", "position")]),
+                "one weight times (1 +- epsilon)",
+                [sweep_series(results_list, "single-weight", "epsilon", "position")]),
                ("tamper_detection_vs_prune_ratio", "fraction of conv/linear weights pruned (global magnitude)",
                 "magnitude pruning", [sweep_series(results_list, "prune", "ratio")]))
     paths = []

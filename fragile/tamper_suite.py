@@ -279,7 +279,8 @@ def run_bitflip(ctx, seed):
                 positions = torch.randperm(len(flat), generator=gen)[:k].to(flat.device)
                 chosen = [bits[i] for i in torch.randint(len(bits), (k,), generator=gen).tolist()]
                 return flip_bits(flat, positions, chosen)
-            outcomes = run_trials(model, params, original, flip_k, ctx, trials, generator(seed, "bitflip", bit_class, k))
+            gen = generator(seed, "bitflip", bit_class, k)
+            outcomes = run_trials(model, params, original, flip_k, ctx, trials, gen)
             records.append(summarize_trials(outcomes, ctx, setting=f"k={k} ({bit_class})", k=int(k),
                                             bit_class=bit_class, weights_changed=int(k)))
             log_point(ctx, records[-1])
@@ -380,8 +381,9 @@ def run_obfuscate(ctx, seed):
     for k in sweep(ctx, "OBFUSCATE_KS", 1, total):
         model = ctx.fresh_copy()
         loss_before, loss_after = obfuscate(model, ctx, int(k), seed)
-        records.append(state_record(model, ctx, setting=f"k={k}", k=int(k), weights_changed=count_changed(model, ctx.model),
-                                    weights_fraction=k / total, loss_before=loss_before, loss_after=loss_after))
+        records.append(state_record(model, ctx, setting=f"k={k}", k=int(k),
+                                    weights_changed=count_changed(model, ctx.model), weights_fraction=k / total,
+                                    loss_before=loss_before, loss_after=loss_after))
         log_point(ctx, records[-1])
     return {"seed": seed, "records": records, "obfuscatable_weights": total}, model
 
@@ -479,7 +481,8 @@ def load_poisoned(ctx, path):
     try:
         model.load_state_dict(payload["state_dict"])
     except RuntimeError:
-        raise UserError(f"--fine-prune-poisoned-model {path} does not have the watermarked model's architecture") from None
+        raise UserError(f"--fine-prune-poisoned-model {path} does not have the watermarked model's "
+                        f"architecture") from None
     return model.eval()
 
 

@@ -6,7 +6,6 @@ eval.py and plot.py --table end to end, as a user does.
 import csv
 import functools
 import importlib
-import json
 
 import pytest
 import torch
