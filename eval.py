@@ -122,6 +122,7 @@ def main():
     train = train.to(device if DATA_ON_DEVICE else "cpu")
     test = balanced_subset(load_split(spec, DATA_DIR, False), TEST_SUBSET, spec.num_classes).to(device)
     ctx = EvalContext(model, spec, train, test, triggers.to(device), key, config, device)
+    ctx.extras["query_order"] = trigger_meta.get("query_order")   # most fragile first (generate_samples.py)
     backdoor = read_checkpoint(model_path).get("backdoor")
     if backdoor is not None:  # track the robust watermark beside the fragile one
         ctx.extras["backdoor"] = backdoor

@@ -33,13 +33,21 @@ FTG_STEP_SIZE = 0.25 / 255 # ftg: per step, in [0, 1] pixel units (straight-thro
 MARGIN_START = "natural"   # margin: natural | noise | paper
 MARGIN_SAFETY = 10.0       # margin: delta = this x the largest benign logit jitter measured
 MARGIN_BAND = 4.0          # margin: every other class is driven to within band x delta of the key class
-MARGIN_STEPS = 300         # margin: straight-through 8-bit Adam steps
+MARGIN_STEPS = 200         # margin: straight-through 8-bit Adam steps
 MARGIN_LR = 2.0 / 255      # margin: their initial step, in [0, 1] pixel units (cosine decay)
-MARGIN_POOL = 3            # margin: candidates optimised per key entry; the most fragile one is kept
+MARGIN_POOL = 2            # margin: candidates optimised per key entry; the most fragile one is kept
 MARGIN_SELECT_DRAWS = 32   # margin: random weight-noise copies of the model that measure fragility
-MARGIN_NOISE_SIGMA = 1e-4  # margin: their standard deviation (absolute, on every parameter)
+MARGIN_NOISE_SIGMA = 1e-4  # margin: their standard deviation; every method: ranks triggers for the query order
 MARGIN_GRID_ROUNDS = 200   # margin: rounds of single-pixel +-1 moves on the 8-bit grid
 MARGIN_CANDIDATES = 32     # margin: moves per trigger evaluated exactly in each round
+MARGIN_SURROGATES = 2      # margin: owner-side fine-tuned copies every trigger must be off its key on (0: none)
+MARGIN_SURROGATE_STEPS = 80        # margin: their SGD steps (one epoch of 20k images at batch 256)
+MARGIN_SURROGATE_SUBSET = 20000    # margin: class-balanced training images they use (0: all), drawn apart from eval's
+MARGIN_SURROGATE_LR = 1e-3         # margin: their recipe, the paper's fine-tuning...
+MARGIN_SURROGATE_MOMENTUM = 0.9
+MARGIN_SURROGATE_WEIGHT_DECAY = 1e-3
+MARGIN_SURROGATE_BATCH_SIZE = 256
+MARGIN_SURROGATE_GAP = 0.3         # margin: on each surrogate another class beats the key by this many logits
 PROGRESS = True
 # -----------------------------------------------------------------------------
 
@@ -73,17 +81,20 @@ def main():
     out, key_out = default_paths(model_path, METHOD)
     out, key_out = OUT or out, KEY_OUT or key_out
     test = load_split(spec, DATA_DIR, train=False).to(device)
+    train = load_split(spec, DATA_DIR, train=True) if trigger_methods.needs_training_data(METHOD, config) else None
 
     sha_before, acc_before = fingerprint(model, test)
     print(f"model {model_path}: {model_meta['arch']} on {model_meta['dataset']}, {describe_device(device)}")
     print(f"before: weights sha256 {sha_before}  test accuracy {acc_before:.4f}")
 
     key, source = make_key(NUM_TRIGGERS, spec.num_classes, None if KEY_SEED < 0 else KEY_SEED)
-    triggers, info = trigger_methods.generate(METHOD, model, spec, key, config, device, test)
+    triggers, info = trigger_methods.generate(METHOD, model, spec, key, config, device, test, train)
 
     # Accept only what will be deployed: the PNGs, read back from disk, must all carry their key labels.
     save_key(key_out, key, spec.num_classes, source)
+    order, flip_rate = trigger_methods.fragility_order(model, triggers.to(device), key, config)
     meta = trigger_meta(model_meta, key_out, METHOD, config, info.pop("meta", {}))
+    meta.update(query_order=order, estimated_flip_rate_mean=flip_rate.mean().item())
     save_triggers(out, triggers, meta, extra=info)
     from_png, _ = load_triggers(out)
     labels, margins = labels_and_margins(model, from_png.to(device))
@@ -99,6 +110,8 @@ def main():
     print(f"{len(key)} triggers ({METHOD}), all on their key labels after 8-bit PNG export")
     print(f"top-1 minus runner-up logit margin: min {s['min']:.3g}  median {s['median']:.3g}  "
           f"mean {s['mean']:.3g}  max {s['max']:.3g}")
+    print(f"estimated flip rate under weight noise sigma {config['MARGIN_NOISE_SIGMA']:g}: mean "
+          f"{flip_rate.mean().item():.2f}, most fragile trigger {flip_rate.max().item():.2f} (queried first)")
     print(f"triggers -> {out}  key -> {key_out}")
 
 

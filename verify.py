@@ -46,7 +46,8 @@ def main():
     triggers, trigger_meta = load_triggers(triggers_path)
     key, _ = load_key(resolve_key_path(triggers_path, trigger_meta))
     check_compatible(triggers, key, model_meta["input_shape"], model_meta["num_classes"])
-    report = compare(query_labels(model, triggers, BATCH_SIZE or None), key, model_meta["num_classes"], MAX_MISMATCHES)
+    report = compare(query_labels(model, triggers, BATCH_SIZE or None), key, model_meta["num_classes"], MAX_MISMATCHES,
+                     order=trigger_meta.get("query_order"))
     bound = trigger_meta.get("weights_sha256")
     report["weights_sha256"] = model_meta["weights_sha256"]
     report["hash_matches_triggers"] = (bound == model_meta["weights_sha256"]) if bound else None
@@ -55,8 +56,10 @@ def main():
     else:
         hash_note = {True: "weights hash as watermarked", False: "weights hash DIFFERS from the one the triggers "
                      "were made for", None: "no weights hash bound to these triggers"}[report["hash_matches_triggers"]]
+        first = report["queries_to_first_mismatch"]
+        order_note = f"; first mismatch at query {first} in the recorded fragility order" if first else ""
         print(f"{report['verdict'].upper()}: {report['matches']}/{report['n']} trigger labels match the key "
-              f"(p={report['p_value']:.2e} by chance; {hash_note})")
+              f"(p={report['p_value']:.2e} by chance; {hash_note}{order_note})")
     return 0 if report["verdict"] == "intact" else 1
 
 

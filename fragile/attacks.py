@@ -12,7 +12,7 @@ import torch
 from .data import Split, to_float
 from .devices import seed_everything
 from .training import accuracy, make_sgd, predict_logits, train_steps
-from .verification import query_labels
+from .verification import queries_until_mismatch, query_labels
 
 EARLY_STEPS_DEFAULT = (1, 2, 5, 10, 20, 50, 100)
 
@@ -39,9 +39,14 @@ class EvalContext:
 # ----------------------------------------------------------------------------- measurements
 
 def watermark_state(model, ctx, max_mismatches=0):
+    """Flipped count, match rate, verdict; with the trigger set's recorded query order, also how many
+    single queries a verifier asking the most fragile triggers first would need to see a mismatch."""
     labels = query_labels(model, ctx.triggers)
     flipped = int((labels != ctx.key).sum())
-    return {"flipped": flipped, "match_rate": 1 - flipped / len(ctx.key), "detected": flipped > max_mismatches}
+    state = {"flipped": flipped, "match_rate": 1 - flipped / len(ctx.key), "detected": flipped > max_mismatches}
+    if ctx.extras.get("query_order"):
+        state["queries_in_fragility_order"] = queries_until_mismatch(labels, ctx.key, ctx.extras["query_order"])
+    return state
 
 
 def stamp_patch(images, size, position, value):

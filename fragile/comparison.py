@@ -180,12 +180,18 @@ def summarize_method(results):
     rows = []
     for (attack, label), recs in sorted(groups.items(), key=lambda kv: (ATTACK_ORDER.index(kv[0][0]),
                                                                          _setting_order(kv[1][0]))):
-        queries = [r["queries_to_detection"] for r in recs if r.get("queries_to_detection") is not None]
         rows.append({"method": results["method"], "attack": attack, "setting": label, "trials": len(recs),
                      "flipped_fraction": sum(r["flipped"] for r in recs) / (len(recs) * n),
                      "detection_probability": sum(bool(r["detected"]) for r in recs) / len(recs),
-                     "mean_queries_to_detection": sum(queries) / len(queries) if queries else None})
+                     "mean_queries_to_detection": _mean_of(recs, "queries_to_detection"),
+                     "mean_queries_fragility_order": _mean_of(recs, "queries_in_fragility_order")})
     return rows
+
+
+def _mean_of(records, key):
+    """Mean of ``key`` over the records that have it (the trials that detected)."""
+    values = [r[key] for r in records if r.get(key) is not None]
+    return sum(values) / len(values) if values else None
 
 
 def _setting_order(record):
@@ -237,11 +243,12 @@ def _fmt(value, spec):
 
 def comparison_markdown(attack_rows, method_rows, model_line):
     lines = ["# Trigger methods compared", "", model_line, "",
-             "| method | attack | trials | triggers flipped | detection probability | mean queries to detection |",
-             "|---|---|---:|---:|---:|---:|"]
+             "| method | attack | trials | triggers flipped | detection probability | mean queries to detection "
+             "(random order) | (fragility order) |", "|---|---|---:|---:|---:|---:|---:|"]
     for r in attack_rows:
         lines.append(f"| {r['method']} | {r['setting']} | {r['trials']} | {_fmt(r['flipped_fraction'], '.1%')} | "
-                     f"{_fmt(r['detection_probability'], '.2f')} | {_fmt(r['mean_queries_to_detection'], '.2f')} |")
+                     f"{_fmt(r['detection_probability'], '.2f')} | {_fmt(r['mean_queries_to_detection'], '.2f')} | "
+                     f"{_fmt(r.get('mean_queries_fragility_order'), '.2f')} |")
     lines += ["", "| method | false alarms (benign matrix) | largest benign jitter | delta | smallest trigger margin "
               "| PSNR to natural start (mean / min, dB) |", "|---|---:|---:|---:|---:|---:|"]
     for m in method_rows:
@@ -249,9 +256,11 @@ def comparison_markdown(attack_rows, method_rows, model_line):
         psnr = "-" if m["psnr_mean_db"] is None else f"{m['psnr_mean_db']:.1f} / {m['psnr_min_db']:.1f}"
         lines.append(f"| {m['method']} | {alarms} | {_fmt(m['max_benign_jitter'], '.1e')} | {_fmt(m['delta'], '.1e')} | "
                      f"{_fmt(m['min_trigger_margin'], '.1e')} | {psnr} |")
-    lines += ["", "Queries to detection: the expected number of single-trigger queries, in a random order, until the "
-              "first mismatch, (n + 1) / (flipped + 1), averaged over the trials that detected. A benign-matrix "
-              "detection is a false alarm."]
+    lines += ["", "Queries to detection, random order: the expected number of single-trigger queries, in a uniformly "
+              "random order, until the first mismatch, (n + 1) / (flipped + 1). Fragility order: the queries a "
+              "verifier needs when it asks the triggers in the order recorded at generation (most fragile under "
+              "weight noise first, estimated with draws the evaluation never uses) and stops at the first mismatch. "
+              "Both are averaged over the trials that detected. A benign-matrix detection is a false alarm."]
     return "\n".join(lines) + "\n"
 
 

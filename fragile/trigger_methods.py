@@ -5,7 +5,8 @@
     natural  control: the least-confident correctly classified test images of each key class
     ftg      FTG-style: signed-gradient pixel steps minimising the softmax variance, from natural images
     margin   ours: every trigger's margin over the other classes driven into [delta, band x delta],
-             delta calibrated from the measured benign jitter, on the 8-bit grid throughout
+             delta calibrated from the measured benign jitter, on the 8-bit grid throughout, while the
+             owner's own fine-tuned copies of the model (fragile/surrogates.py) label it off the key
 
 All of them optimise (if at all) the 8-bit image itself -- straight-through rounding while the
 pixels are continuous, then moves on the 0..255 grid -- so the exported PNG is what was optimised.
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from .benign import calibrate_delta, measure_jitter
 from .cli import UserError
 from .data import to_float
+from .surrogates import fine_tuned_surrogates, surrogate_flip_fraction
 from .training import predict_logits
 from .triggers import generate_paper, quantize, straight_through_quantize
 
@@ -32,13 +34,21 @@ DEFAULTS = {
     "MARGIN_START": "natural",    # natural | noise | paper: where the margin optimisation starts
     "MARGIN_SAFETY": 10.0,        # delta = this x the largest benign logit jitter measured
     "MARGIN_BAND": 4.0,           # every other class is driven to within band x delta of the key class
-    "MARGIN_STEPS": 300,          # continuous (straight-through 8-bit) Adam steps
+    "MARGIN_STEPS": 200,          # continuous (straight-through 8-bit) Adam steps
     "MARGIN_LR": 2.0 / 255,       # their initial step, in [0, 1] pixel units (cosine decay)
-    "MARGIN_POOL": 3,             # candidates optimised per key entry; the most fragile one is kept
+    "MARGIN_POOL": 2,             # candidates optimised per key entry; the most fragile one is kept
     "MARGIN_SELECT_DRAWS": 32,    # random weight-noise copies of the model that measure fragility
     "MARGIN_NOISE_SIGMA": 1e-4,   # their standard deviation (absolute, on every parameter)
     "MARGIN_GRID_ROUNDS": 200,    # rounds of single-pixel +-1 moves on the 8-bit grid
     "MARGIN_CANDIDATES": 32,      # moves per trigger evaluated exactly in each round
+    "MARGIN_SURROGATES": 2,       # owner-side fine-tuned copies the triggers must flip on (fragile/surrogates.py)
+    "MARGIN_SURROGATE_STEPS": 80, # their SGD steps (about one epoch of 20k images at batch 256)
+    "MARGIN_SURROGATE_SUBSET": 20000,  # class-balanced training images they fine-tune on (0: all)
+    "MARGIN_SURROGATE_LR": 1e-3,  # their recipe: the paper's fine-tuning (SGD, momentum, weight decay, batch)
+    "MARGIN_SURROGATE_MOMENTUM": 0.9,
+    "MARGIN_SURROGATE_WEIGHT_DECAY": 1e-3,
+    "MARGIN_SURROGATE_BATCH_SIZE": 256,
+    "MARGIN_SURROGATE_GAP": 0.3,  # on every surrogate, some other class must beat the key by this many logits
 }
 
 
@@ -115,14 +125,14 @@ def benign_delta(model, images, config, device, log=print):
 
 # ----------------------------------------------------------------------------- paper and the controls
 
-def _paper(model, spec, key, config, device, test):
+def _paper(model, spec, key, config, device, test, train=None):
     cfg = {"latent_seed": config["LATENT_SEED"], "latent_dim": config["LATENT_DIM"],
            "gen_channels": config["GEN_CHANNELS"], "lr": config["LR"], "beta1": config["BETA1"],
            "beta2": config["BETA2"], "max_steps": config["MAX_STEPS"], "lam": config["LAMBDA"]}
     return generate_paper(model, spec, key, cfg, device)
 
 
-def _random(model, spec, key, config, device, test):
+def _random(model, spec, key, config, device, test, train=None):
     """Uniform-noise images, labelled by the model. A control: nothing is optimised, so the drawn key is
     replaced in place by the model's labels (the caller saves the list it passed in)."""
     gen = torch.Generator().manual_seed(setting(config, "CONTROL_SEED"))
@@ -131,7 +141,7 @@ def _random(model, spec, key, config, device, test):
     return images, {"meta": {"key_source": "the model's labels of the noise images"}}
 
 
-def _natural(model, spec, key, config, device, test):
+def _natural(model, spec, key, config, device, test, train=None):
     """The least-confident correctly classified test images, one per key entry, of the key's class."""
     images = natural_starts(model, test, key, spec.num_classes, device, least_confident=True)
     return images, {"meta": {"start": "least-confident correctly classified test images"}}
@@ -144,7 +154,7 @@ def softmax_variance(logits):
     return F.softmax(logits, dim=1).var(dim=1)
 
 
-def _ftg(model, spec, key, config, device, test, log=print):
+def _ftg(model, spec, key, config, device, test, train=None, log=print):
     """FTG-style: signed-gradient steps on the 8-bit image (straight-through rounding) that minimise the
     softmax variance, from natural images of the key class. FTG has no label term; to keep the secret
     key each trigger keeps its lowest-variance iterate that still carries its key label by at least the
@@ -224,12 +234,22 @@ def tau_at(step, steps, delta):
     return math.exp(math.log(0.3) * (1 - frac) + math.log(20 * delta) * frac)
 
 
-def continuous_margin_phase(model, starts, key, delta, config, device, log):
+def surrogate_hinge(surrogates, images, key, gap):
+    """Per trigger, summed over the surrogates: how far the key still is from losing by ``gap`` logits there."""
+    loss = torch.zeros(len(images), device=images.device)
+    for surrogate in surrogates:
+        loss = loss + F.relu(key_margins(surrogate(images), key).min(1).values + gap)
+    return loss
+
+
+def continuous_margin_phase(model, starts, key, delta, config, device, log, surrogates=()):
     """Adam on continuous pixels whose forward pass is the 8-bit image (straight-through rounding): every
-    other class is pulled toward the band. Returns the last 8-bit iterate (where the key may have slipped to second place by a
-    hair: the grid phase restores it first) and, per trigger, the best valid 8-bit iterate as a fallback."""
+    other class is pulled toward the band on the model, while on every surrogate (an owner-side fine-tuned
+    copy) some other class is pushed ``MARGIN_SURROGATE_GAP`` logits above the key. Returns the last 8-bit
+    iterate (where the key may have slipped to second place by a hair: the grid phase restores it first)
+    and, per trigger, the best valid 8-bit iterate as a fallback."""
     low, high = band_limits(delta, config)
-    steps = setting(config, "MARGIN_STEPS")
+    steps, gap = setting(config, "MARGIN_STEPS"), setting(config, "MARGIN_SURROGATE_GAP")
     x = to_float(starts.to(device)).requires_grad_(True)
     best = starts.clone().to(device)
     best_score = torch.full((len(key),), math.inf, device=device, dtype=torch.float64)
@@ -244,10 +264,14 @@ def continuous_margin_phase(model, starts, key, delta, config, device, log):
             better = score < best_score
             best[better], best_score[better] = quantize(x[better]), score[better]
         if step % 50 == 0 or step == steps:
-            log(f"margin step {step}: {describe_margins(margins.detach(), delta, high)}")
+            flips = surrogate_flip_fraction(surrogates, images.detach(), key) if surrogates else None
+            log(f"margin step {step}: {describe_margins(margins.detach(), delta, high)}"
+                + (f", off key on the surrogates {flips.mean().item():.2f}" if flips is not None else ""))
         if step == steps:
             break
         loss = coarse_band_loss(margins, (low + high) / 2, tau_at(step, steps, delta)).sum()
+        if surrogates:
+            loss = loss + surrogate_hinge(surrogates, images, key, gap).sum()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -408,23 +432,48 @@ def estimated_flip_rate(model, images, key, sigma, draws, seed):
     return flips / max(1, draws)
 
 
-def select_most_fragile(model, candidates, key, pool, delta, config):
+def fragility_order(model, triggers, key, config):
+    """Trigger indices, most fragile first: by the estimated flip rate under random weight noise (the
+    selection's draws, never the evaluation's), ties broken by the smaller runner-up margin. A verifier
+    that queries in this order and stops at the first mismatch needs the fewest queries. Returns
+    (order, estimated flip rates)."""
+    key = torch.as_tensor(key, device=triggers.device)
+    rate = estimated_flip_rate(model, triggers, key, setting(config, "MARGIN_NOISE_SIGMA"),
+                               setting(config, "MARGIN_SELECT_DRAWS"), SELECTION_SEED + 1)
+    with torch.no_grad():
+        runner_up = key_margins(predict_logits(model, triggers, len(triggers)), key).min(1).values.cpu()
+    order = sorted(range(len(triggers)), key=lambda i: (-rate[i].item(), runner_up[i].item()))
+    return order, rate
+
+
+def select_most_fragile(model, candidates, key, pool, delta, config, surrogates=()):
     """Of the ``pool`` candidates made for each key entry (entry i's are i, i + n, i + 2n, ...), keep the
-    valid one (every margin >= delta) that random weight noise flips most often."""
+    valid one (every margin >= delta) that is off its key on the most surrogates and, among those, that
+    random weight noise flips most often. Returns (choice, noise flip rate, surrogate flip fraction)."""
     n = len(key) // pool
     with torch.no_grad():
         runner_up = key_margins(predict_logits(model, candidates, len(candidates)), key).min(1).values.cpu()
     rate = estimated_flip_rate(model, candidates, key, setting(config, "MARGIN_NOISE_SIGMA"),
                                setting(config, "MARGIN_SELECT_DRAWS"), SELECTION_SEED + setting(config, "CONTROL_SEED"))
-    score = torch.where(runner_up >= delta, rate, torch.full_like(rate, -1.0)).view(pool, n)
+    off_key = surrogate_flip_fraction(surrogates, candidates, key)
+    score = torch.where(runner_up >= delta, 2 * off_key + rate, torch.full_like(rate, -1.0)).view(pool, n)
     choice = score.argmax(0) * n + torch.arange(n)
-    return choice, rate
+    return choice, rate, off_key
 
 
-def _margin(model, spec, key, config, device, test, log=print):
+def surrogate_settings(config):
+    return {"count": setting(config, "MARGIN_SURROGATES"), "steps": setting(config, "MARGIN_SURROGATE_STEPS"),
+            "subset": setting(config, "MARGIN_SURROGATE_SUBSET"), "lr": setting(config, "MARGIN_SURROGATE_LR"),
+            "momentum": setting(config, "MARGIN_SURROGATE_MOMENTUM"),
+            "weight_decay": setting(config, "MARGIN_SURROGATE_WEIGHT_DECAY"),
+            "batch_size": setting(config, "MARGIN_SURROGATE_BATCH_SIZE")}
+
+
+def _margin(model, spec, key, config, device, test, train=None, log=print):
     """Ours: calibrate delta from the benign jitter; drive the margin of the key over every other class into
-    [delta, band x delta], first with straight-through 8-bit Adam, then on the 8-bit grid; of several such
-    candidates per key entry keep the one random weight noise flips most often."""
+    [delta, band x delta] while the owner's fine-tuned surrogates put another class first, first with
+    straight-through 8-bit Adam, then on the 8-bit grid; of several such candidates per key entry keep the
+    one off its key on the most surrogates and, among those, flipped most often by random weight noise."""
     pool = setting(config, "MARGIN_POOL")
     if pool < 1:
         raise UserError(f"--margin-pool must be at least 1 (got {pool})")
@@ -433,25 +482,29 @@ def _margin(model, spec, key, config, device, test, log=print):
     jitter, delta = benign_delta(model, starts, config, device, log)
     key_t = torch.tensor(pooled_key, device=device)
     band = setting(config, "MARGIN_BAND")
-    images, fallback = continuous_margin_phase(model, starts, key_t, delta, config, device, log)
+    surrogates = fine_tuned_surrogates(model, train, spec, surrogate_settings(config), device, log)
+    images, fallback = continuous_margin_phase(model, starts, key_t, delta, config, device, log, surrogates)
     images = grid_margin_phase(model, images, key_t, delta, config, device, log)
     images = keep_valid(model, images, fallback, key_t, delta)
-    choice, rate = select_most_fragile(model, images, key_t, pool, delta, config)
+    choice, rate, off_key = select_most_fragile(model, images, key_t, pool, delta, config, surrogates)
     images, starts, key_t = images[choice], starts[choice.to(starts.device)], key_t[choice.to(device)]
     final_jitter = measure_jitter(model, images)
     stats = margin_stats(model, images, key_t, delta, band, device)
     if stats["runner_up_min"] < delta:
         raise UserError(f"a margin trigger ended {stats['runner_up_min']:.2e} above its runner-up, below delta "
                         f"{delta:.2e}: raise --margin-grid-rounds or --margin-steps")
-    stats.update(estimated_flip_rate_kept=rate[choice].mean().item(), estimated_flip_rate_all=rate.mean().item())
+    stats.update(estimated_flip_rate_kept=rate[choice].mean().item(), estimated_flip_rate_all=rate.mean().item(),
+                 surrogate_off_key_kept=off_key[choice].mean().item(), surrogate_off_key_all=off_key.mean().item())
     log(f"margins: runner-up min {stats['runner_up_min']:.2e}, median {stats['runner_up_median']:.2e}; "
         f"{stats['mean_classes_in_band']:.1f} classes in band on average; jitter on the triggers "
         f"{final_jitter['max']:.2e} (delta {delta:.2e}); estimated flip rate under noise "
-        f"{stats['estimated_flip_rate_kept']:.2f} (all candidates {stats['estimated_flip_rate_all']:.2f})")
+        f"{stats['estimated_flip_rate_kept']:.2f} (all candidates {stats['estimated_flip_rate_all']:.2f}); "
+        f"off key on the surrogates {stats['surrogate_off_key_kept']:.2f} (all {stats['surrogate_off_key_all']:.2f})")
     meta = {"delta": delta, "delta_safety_factor": setting(config, "MARGIN_SAFETY"), "band": band,
             "benign_jitter": jitter, "benign_jitter_on_triggers": final_jitter, "margins": stats,
             "start": setting(config, "MARGIN_START"), "pool": pool,
-            "selection_noise_sigma": setting(config, "MARGIN_NOISE_SIGMA")}
+            "selection_noise_sigma": setting(config, "MARGIN_NOISE_SIGMA"),
+            "surrogates": dict(surrogate_settings(config), gap=setting(config, "MARGIN_SURROGATE_GAP"))}
     if setting(config, "MARGIN_START") == "natural":
         meta["psnr_to_start"] = psnr_summary(images, starts)
     return images.cpu(), {"start_images": starts.cpu(), "meta": meta}
@@ -460,8 +513,12 @@ def _margin(model, spec, key, config, device, test, log=print):
 METHODS = {"paper": _paper, "random": _random, "natural": _natural, "ftg": _ftg, "margin": _margin}
 
 
-def generate(method, model, spec, key, config, device, test):
-    """(uint8 triggers on the CPU, info dict) for ``method``."""
+def generate(method, model, spec, key, config, device, test, train=None):
+    """(uint8 triggers on the CPU, info dict) for ``method``. ``train`` is needed by ``margin`` with surrogates."""
     if method not in METHODS:
         raise UserError(f"unknown trigger method {method!r}: choose one of {', '.join(METHODS)}")
-    return METHODS[method](model, spec, key, config, device, test)
+    return METHODS[method](model, spec, key, config, device, test, train=train)
+
+
+def needs_training_data(method, config):
+    return method == "margin" and setting(config, "MARGIN_SURROGATES") > 0

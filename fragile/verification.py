@@ -34,14 +34,25 @@ def chance_p_value(matches, n, num_classes):
     return min(1.0, sum(math.comb(n, k) * p ** k * (1 - p) ** (n - k) for k in range(matches, n + 1)))
 
 
-def compare(returned, key, num_classes, max_mismatches=0):
-    """The verification report: matches, mismatches with expected and returned labels, verdict, p-value."""
+def queries_until_mismatch(returned, key, order):
+    """How many single-trigger queries, made in ``order`` (most fragile trigger first, as recorded at
+    generation), a verifier that stops at the first mismatch needs: 1-based, None if nothing mismatches."""
+    for position, index in enumerate(order, start=1):
+        if int(returned[index]) != int(key[index]):
+            return position
+    return None
+
+
+def compare(returned, key, num_classes, max_mismatches=0, order=None):
+    """The verification report: matches, mismatches with expected and returned labels, verdict, p-value, and
+    (given the trigger set's query order) the queries a stop-at-first-mismatch verifier would have made."""
     returned = [int(x) for x in returned]
     mismatched = [{"index": i, "expected": k, "returned": r} for i, (k, r) in enumerate(zip(key, returned)) if k != r]
     matches = len(key) - len(mismatched)
     return {"matches": matches, "n": len(key), "match_rate": matches / len(key), "mismatches": mismatched,
             "verdict": "tampered" if len(mismatched) > max_mismatches else "intact",
-            "p_value": chance_p_value(matches, len(key), num_classes)}
+            "p_value": chance_p_value(matches, len(key), num_classes),
+            "queries_to_first_mismatch": queries_until_mismatch(returned, key, order) if order else None}
 
 
 def match_rate(model, triggers, key_tensor):

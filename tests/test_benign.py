@@ -26,7 +26,8 @@ def margin_set(model_and_meta):
     model, _ = model_and_meta
     spec = get_spec("synthetic")
     key = torch.randint(0, spec.num_classes, (12,), generator=torch.Generator().manual_seed(5)).tolist()
-    config = {"MARGIN_STEPS": 40, "MARGIN_GRID_ROUNDS": 30, "MARGIN_POOL": 2, "MARGIN_SELECT_DRAWS": 8}
+    config = {"MARGIN_STEPS": 40, "MARGIN_GRID_ROUNDS": 30, "MARGIN_POOL": 2, "MARGIN_SELECT_DRAWS": 8,
+              "MARGIN_SURROGATES": 0}  # the band alone: no fine-tuned copies needed for the benign matrix
     triggers, info = trigger_methods.generate("margin", model, spec, key, config, torch.device("cpu"),
                                               load_split(spec, "data", False))
     return triggers, key, info["meta"]
@@ -113,6 +114,21 @@ def test_compare_records_every_attack_and_the_benign_matrix(compare_results):
     assert not any(r["detected"] for r in records if r["attack"] == "benign")
     assert all(r["queries_to_detection"] is None or r["queries_to_detection"] >= 1
                for r in records if r["attack"] != "benign")
+    tampered = [r for r in records if r["attack"] != "benign"]
+    for r in tampered:  # the fragility-order count exists exactly when something flipped
+        assert (r["queries_in_fragility_order"] is None) == (r["flipped"] == 0)
+        if r["flipped"]:
+            assert 1 <= r["queries_in_fragility_order"] <= results["num_triggers"] - r["flipped"] + 1
+
+
+def test_queries_until_mismatch_follows_the_recorded_order():
+    from fragile.verification import compare, queries_until_mismatch
+    key, returned = [0, 1, 2, 3], [0, 1, 9, 3]
+    assert queries_until_mismatch(returned, key, [2, 0, 1, 3]) == 1
+    assert queries_until_mismatch(returned, key, [0, 1, 3, 2]) == 4
+    assert queries_until_mismatch(key, key, [0, 1, 2, 3]) is None
+    assert compare(returned, key, 10, order=[3, 2, 1, 0])["queries_to_first_mismatch"] == 2
+    assert compare(returned, key, 10)["queries_to_first_mismatch"] is None
 
 
 def test_render_comparison_writes_table_csv_and_figure(compare_results, tmp_path):

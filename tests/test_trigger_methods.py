@@ -20,7 +20,9 @@ NUM_TRIGGERS = 20
 # Few steps: the synthetic resnet8 is small and these tests check behaviour, not the best numbers.
 FAST_FLAGS = {"random": [], "natural": [],
               "ftg": ["--ftg-steps", 60],
-              "margin": ["--margin-steps", 60, "--margin-grid-rounds", 40, "--margin-pool", 2, "--margin-select-draws", 8]}
+              "margin": ["--margin-steps", 60, "--margin-grid-rounds", 40, "--margin-pool", 2, "--margin-select-draws", 8,
+                         "--margin-surrogates", 1, "--margin-surrogate-steps", 16, "--margin-surrogate-subset", 1024,
+                         "--margin-surrogate-batch-size", 64]}
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +66,7 @@ def test_every_method_matches_the_key_after_8bit_export(method_triggers, model, 
     assert query_labels(model, from_png).tolist() == key
     assert query_labels(model, from_png, batch_size=1).tolist() == key
     assert meta["method"] == method
+    assert sorted(meta["query_order"]) == list(range(len(key)))  # a permutation: every trigger queried once
 
 
 def test_margin_triggers_record_delta_and_keep_it(method_triggers, model):
@@ -130,3 +133,60 @@ def test_key_margins_and_psnr():
     b[1, 0, 0, 0] = 16
     values = trigger_methods.psnr(a, b)
     assert torch.isinf(values[0]) and values[1].item() == pytest.approx(10 * torch.log10(torch.tensor(255.0 ** 2 / 16)).item())
+
+
+def fine_tuned_flip_fraction(model, watermarked, triggers, key, steps=16):
+    """An attacker's fine-tuning (the paper's SGD settings, eval.py's seed 0 and data) for a few steps."""
+    import copy
+    from fragile.data import balanced_subset, get_spec, load_split
+    from fragile.devices import seed_everything
+    from fragile.training import make_sgd, train_steps
+    spec = get_spec("synthetic")
+    data = balanced_subset(load_split(spec, "data", True), 1024, spec.num_classes)
+    tampered = copy.deepcopy(model).requires_grad_(True)
+    seed_everything(0)
+    optimizer = make_sgd(tampered, 1e-3, 0.9, 1e-3, fused=False)
+    for step, _, _, _ in train_steps(tampered, optimizer, data, spec, torch.Generator().manual_seed(0), 64, "cpu"):
+        if step >= steps:
+            break
+    return (query_labels(tampered.eval(), triggers) != torch.tensor(key)).float().mean().item()
+
+
+def test_margin_triggers_flip_under_fine_tuning_they_never_saw(method_triggers, model, watermarked):
+    """The surrogates were fine-tuned with other seeds on another data sample; the attacker's run still
+    flips most margin triggers and far more than the controls."""
+    fractions = {m: fine_tuned_flip_fraction(model, watermarked, load_triggers(method_triggers[m][0])[0],
+                                             load_key(method_triggers[m][1])[0])
+                 for m in ("random", "natural", "margin")}
+    assert fractions["margin"] >= 0.7, fractions
+    assert fractions["random"] <= fractions["margin"] / 3, fractions
+    assert fractions["natural"] <= fractions["margin"] / 2, fractions
+
+
+def test_margin_metadata_records_the_surrogates(method_triggers):
+    meta = json.load(open(os.path.join(method_triggers["margin"][0], "meta.json")))
+    assert meta["surrogates"]["count"] == 1 and meta["surrogates"]["steps"] == 16
+    assert meta["margins"]["surrogate_off_key_kept"] >= 0.9  # built to be off its key there
+
+
+def test_surrogates_are_reproducible_fine_tuned_copies(model):
+    from fragile.data import get_spec, load_split
+    from fragile.surrogates import fine_tuned_surrogates, surrogate_flip_fraction
+    spec = get_spec("synthetic")
+    train = load_split(spec, "data", True)
+    settings = {"count": 2, "steps": 3, "subset": 256, "lr": 1e-2, "momentum": 0.9, "weight_decay": 0.0,
+                "batch_size": 32}
+    before = [p.clone() for p in model.parameters()]
+    first = fine_tuned_surrogates(model, train, spec, settings, torch.device("cpu"), log=lambda *_: None)
+    again = fine_tuned_surrogates(model, train, spec, settings, torch.device("cpu"), log=lambda *_: None)
+    assert all(torch.equal(p, q) for p, q in zip(before, model.parameters()))  # the model itself is untouched
+    assert len(first) == 2 and not first[0].training
+    assert all(torch.equal(p, q) for p, q in zip(first[0].parameters(), again[0].parameters()))
+    assert not all(torch.equal(p, q) for p, q in zip(first[0].parameters(), first[1].parameters()))
+    assert not all(torch.equal(p, q) for p, q in zip(first[0].parameters(), model.parameters()))
+    images = load_split(spec, "data", False).images[:16]
+    labels = query_labels(model, images)
+    assert surrogate_flip_fraction([], images, labels).sum() == 0
+    assert surrogate_flip_fraction([model], images, labels).sum() == 0
+    with pytest.raises(UserError, match="training split"):
+        fine_tuned_surrogates(model, None, spec, settings, torch.device("cpu"))

@@ -74,6 +74,10 @@ def test_verify_detects_weight_noise_and_reports_the_hash_difference(watermarked
     assert len(report["mismatches"]) == report["n"] - report["matches"] > 0
     first = report["mismatches"][0]
     assert first["expected"] == watermarked["key_labels"][first["index"]] != first["returned"]
+    order = json.load(open(os.path.join(watermarked["triggers"], "meta.json")))["query_order"]
+    mismatched = {m["index"] for m in report["mismatches"]}
+    position = report["queries_to_first_mismatch"]  # the first mismatched trigger in the recorded order
+    assert order[position - 1] in mismatched and not mismatched & set(order[:position - 1])
     tolerant = run_script("verify.py", "--model", tmp_path / "noisy.pt", "--triggers", watermarked["triggers"],
                           "--key", watermarked["key"], "--max-mismatches", 30, check=False)
     assert tolerant.returncode == 0
