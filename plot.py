@@ -517,7 +517,9 @@ def run_hook(flag, module_name, functions, results_list):
             raise
         raise UserError(f"{flag} needs {module_name.replace('.', '/')}.py, which this checkout does not have") from None
     for function in functions:
-        getattr(module, function)(results_list, FIGURES_DIR)
+        written = getattr(module, function)(results_list, FIGURES_DIR)
+        for path in (written.values() if isinstance(written, dict) else written or ()):
+            print(f"{flag[2:]}: {path}")
 
 
 def main():

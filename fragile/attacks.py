@@ -90,6 +90,13 @@ def measure(model, ctx, step, epoch, poisoned, extra_metrics=()):
     return record
 
 
+@torch.no_grad()
+def add_weight_noise(model, sigma, gen):
+    """Gaussian noise of standard deviation ``sigma`` on every parameter (drawn on the CPU: reproducible)."""
+    for p in model.parameters():
+        p.add_(sigma * torch.randn(p.shape, generator=gen).to(p.device))
+
+
 # ----------------------------------------------------------------------------- fine-tuning
 
 def fine_tune(model, ctx, seed, epochs, poisoned=False, extra_metrics=(), phase="finetune", step_offset=0,

@@ -20,7 +20,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from .attacks import fine_tune, watermark_state
+from .attacks import add_weight_noise, fine_tune, watermark_state
 from .benign import benign_run_records, summarize_benign
 from .checkpoint_io import atomic_write_text
 from .cli import UserError
@@ -43,13 +43,6 @@ def setting(config, name):
 def perturbation_generator(seed, attack_index, trial):
     """The same (seed, attack, trial) always gives the same perturbation, whatever the trigger method."""
     return torch.Generator().manual_seed(1_000_003 * seed + 10_007 * attack_index + trial)
-
-
-@torch.no_grad()
-def add_weight_noise(model, sigma, gen):
-    """Gaussian noise of standard deviation ``sigma`` on every parameter (drawn on the CPU: reproducible)."""
-    for p in model.parameters():
-        p.add_(sigma * torch.randn(p.shape, generator=gen).to(p.device))
 
 
 @torch.no_grad()
@@ -271,7 +264,7 @@ def comparison_figure(attack_rows, path):
     settings = list(dict.fromkeys(r["setting"] for r in attack_rows))
     methods = list(dict.fromkeys(r["method"] for r in attack_rows))
     lookup = {(r["method"], r["setting"]): r for r in attack_rows}
-    fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(settings)) * 1.6, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(settings)) * 1.6, 4.2), layout="constrained")
     width = 0.8 / max(1, len(methods))
     for ax, metric, title in ((axes[0], "flipped_fraction", "fraction of triggers flipped"),
                               (axes[1], "detection_probability", "detection probability")):
@@ -283,7 +276,6 @@ def comparison_figure(attack_rows, path):
         ax.set_ylim(0, 1.05)
         ax.set_title(title)
     axes[0].legend(fontsize=8)
-    fig.tight_layout()
     tmp = path + ".tmp.png"
     fig.savefig(tmp, dpi=120)
     plt.close(fig)

@@ -13,11 +13,13 @@ pixels are continuous, then moves on the 0..255 grid -- so the exported PNG is w
 A method returns ``(uint8 triggers on the CPU, info)``; ``info["meta"]`` (plain values) goes into
 the trigger metadata, every other entry (tensors) into triggers.pt.
 """
+import copy
 import math
 
 import torch
 import torch.nn.functional as F
 
+from .attacks import add_weight_noise
 from .benign import calibrate_delta, measure_jitter
 from .cli import UserError
 from .data import to_float
@@ -421,13 +423,11 @@ SELECTION_SEED = 987_654_321
 def estimated_flip_rate(model, images, key, sigma, draws, seed):
     """Per trigger: the fraction of ``draws`` copies of the model with Gaussian noise of ``sigma`` on every
     parameter under which its label leaves the key -- how likely a random tamper is to expose it."""
-    import copy
     gen = torch.Generator().manual_seed(seed)
     flips = torch.zeros(len(images))
     for _ in range(draws):
         noisy = copy.deepcopy(model)
-        for p in noisy.parameters():
-            p.add_(sigma * torch.randn(p.shape, generator=gen).to(p.device))
+        add_weight_noise(noisy, sigma, gen)
         flips += (predict_logits(noisy, images, 4096).argmax(1).cpu() != key.cpu()).float()
     return flips / max(1, draws)
 
