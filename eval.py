@@ -25,6 +25,7 @@ LR = 1e-3
 MOMENTUM = 0.9
 WEIGHT_DECAY = 1e-3
 AUGMENT = True
+FREEZE_BN = False          # fine-tune with batch-norm statistics frozen (only the weights move)
 AMP = True                 # bf16 autocast for the fine-tuning steps on GPU (verification stays fp32)
 FUSED_OPTIMIZER = True
 DATA_ON_DEVICE = True      # keep the fine-tuning data on the device (off: on the CPU, batches copied over)

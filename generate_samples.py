@@ -47,6 +47,7 @@ MARGIN_SURROGATE_LR = 1e-3         # margin: their recipe, the paper's fine-tuni
 MARGIN_SURROGATE_MOMENTUM = 0.9
 MARGIN_SURROGATE_WEIGHT_DECAY = 1e-3
 MARGIN_SURROGATE_BATCH_SIZE = 256
+MARGIN_SURROGATE_MIX_BN = True     # margin: every second surrogate fine-tunes with batch-norm statistics frozen
 MARGIN_SURROGATE_GAP = 0.3         # margin: on each surrogate another class beats the key by this many logits
 PROGRESS = True
 # -----------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import torch
 
 from .data import Split, to_float
 from .devices import seed_everything
-from .training import accuracy, make_sgd, predict_logits, train_steps
+from .training import accuracy, make_sgd, predict_logits, train_mode, train_steps
 from .verification import queries_until_mismatch, query_labels
 
 EARLY_STEPS_DEFAULT = (1, 2, 5, 10, 20, 50, 100)
@@ -126,13 +126,13 @@ def fine_tune(model, ctx, seed, epochs, poisoned=False, extra_metrics=(), phase=
     for epoch in range(epochs):
         for step, loss, _, _ in train_steps(train_model, optimizer, data, ctx.spec, gen, cfg["BATCH_SIZE"], ctx.device,
                                             cfg["AMP"], augmented=cfg["AUGMENT"], batch_transform=transform,
-                                            first_step=step):
+                                            first_step=step, freeze_bn=cfg.get("FREEZE_BN", False)):
             if first_detection is None and watermark_state(model, ctx, cfg["MAX_MISMATCHES"])["detected"]:
                 first_detection = step + step_offset
             if epoch == 0 and step in early and step < steps_per_epoch:
                 records.append(dict(measure(model, ctx, step + step_offset, step / steps_per_epoch, poisoned,
                                             extra_metrics), phase=phase))
-            model.train()
+            train_mode(model, cfg.get("FREEZE_BN", False))
         if not torch.isfinite(loss):
             ctx.log(f"loss became {loss.item()} at epoch {epoch + 1}: stopping this run")
             break

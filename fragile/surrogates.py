@@ -26,7 +26,10 @@ SURROGATE_SEED = 424_242   # far from the small seeds eval.py's attacks use
 def fine_tuned_surrogates(model, train, spec, settings, device, log=print):
     """``settings["count"]`` copies of ``model``, each fine-tuned for ``settings["steps"]`` SGD steps
     (lr, momentum, weight_decay, batch_size from ``settings``) on a class-balanced sample of ``train``
-    (``settings["subset"]`` images; 0: all of it). Returned in eval mode, gradients off."""
+    (``settings["subset"]`` images; 0: all of it). With ``settings["mix_bn"]`` every second copy keeps its
+    batch-norm statistics frozen: an attacker may fine-tune either way, and the two move logits in
+    different directions (the drift of the running statistics dominates the first kind). Returned in
+    eval mode, gradients off."""
     if settings["count"] <= 0:
         return []
     if train is None or len(train) == 0:
@@ -40,14 +43,16 @@ def fine_tuned_surrogates(model, train, spec, settings, device, log=print):
         gen = torch.Generator(device=data.images.device).manual_seed(seed)
         optimizer = make_sgd(surrogate, settings["lr"], settings["momentum"], settings["weight_decay"],
                              fused=device.type == "cuda")
+        freeze_bn = bool(settings.get("mix_bn")) and i % 2 == 1
         step = 0
         while step < settings["steps"]:  # whole epochs until the step budget is spent
             for step, _, _, _ in train_steps(surrogate, optimizer, data, spec, gen, settings["batch_size"],
-                                             device, first_step=step):
+                                             device, first_step=step, freeze_bn=freeze_bn):
                 if step >= settings["steps"]:
                     break
         copies.append(surrogate.eval().requires_grad_(False))
-        log(f"surrogate {i + 1}/{settings['count']}: {step} fine-tuning steps (seed {seed})")
+        log(f"surrogate {i + 1}/{settings['count']}: {step} fine-tuning steps (seed {seed}"
+            f"{', batch-norm statistics frozen' if freeze_bn else ''})")
     return copies
 
 

@@ -49,15 +49,26 @@ def set_lr(optimizer, lr):
         group["lr"] = lr
 
 
+def train_mode(model, freeze_bn=False):
+    """Training mode; with ``freeze_bn`` the batch-norm layers stay in eval mode, so their running
+    statistics do not move (a fine-tuning attacker's option: only the weights change)."""
+    model.train()
+    if freeze_bn:
+        for module in model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.eval()
+    return model
+
+
 def train_steps(model, optimizer, split, spec, gen, batch_size, device, amp=False, label_smoothing=0.0,
-                augmented=True, batch_transform=None, lr_for_step=None, first_step=0):
+                augmented=True, batch_transform=None, lr_for_step=None, first_step=0, freeze_bn=False):
     """One epoch of training, yielding (step, loss tensor, correct count, batch size) after each step.
 
     ``batch_transform(images, labels)`` lets attacks (poisoning) rewrite batches on the device;
     ``lr_for_step(step)`` sets the learning rate before each step. Losses stay on the device so the
     loop never waits for the GPU; callers synchronize only when they print.
     """
-    model.train()
+    train_mode(model, freeze_bn)
     step = first_step
     for images, labels in train_batches(split, batch_size, spec, gen, augmented):
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)  # no-op on device

@@ -50,6 +50,7 @@ DEFAULTS = {
     "MARGIN_SURROGATE_MOMENTUM": 0.9,
     "MARGIN_SURROGATE_WEIGHT_DECAY": 1e-3,
     "MARGIN_SURROGATE_BATCH_SIZE": 256,
+    "MARGIN_SURROGATE_MIX_BN": True,   # every second surrogate fine-tunes with batch-norm statistics frozen
     "MARGIN_SURROGATE_GAP": 0.3,  # on every surrogate, some other class must beat the key by this many logits
 }
 
@@ -466,7 +467,8 @@ def surrogate_settings(config):
             "subset": setting(config, "MARGIN_SURROGATE_SUBSET"), "lr": setting(config, "MARGIN_SURROGATE_LR"),
             "momentum": setting(config, "MARGIN_SURROGATE_MOMENTUM"),
             "weight_decay": setting(config, "MARGIN_SURROGATE_WEIGHT_DECAY"),
-            "batch_size": setting(config, "MARGIN_SURROGATE_BATCH_SIZE")}
+            "batch_size": setting(config, "MARGIN_SURROGATE_BATCH_SIZE"),
+            "mix_bn": setting(config, "MARGIN_SURROGATE_MIX_BN")}
 
 
 def _margin(model, spec, key, config, device, test, train=None, log=print):

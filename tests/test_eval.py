@@ -59,3 +59,29 @@ def test_seeds_are_all_kept_and_rerun_replaces_the_file(watermarked, tmp_path):
     run_script("eval.py", *args, "--seeds", 2)
     assert [run["seed"] for run in json.load(open(path))["runs"]] == [2]
     assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temp files
+
+
+def test_freeze_bn_keeps_the_running_statistics_and_still_moves_the_weights():
+    import torch
+    from fragile.data import balanced_subset, get_spec, load_split
+    from fragile.training import make_sgd, train_steps
+    from models import build_classifier
+    spec = get_spec("synthetic")
+    data = balanced_subset(load_split(spec, "data", True), 128, spec.num_classes)
+
+    def tuned(freeze_bn):
+        torch.manual_seed(0)
+        model = build_classifier("resnet8", spec)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        optimizer = make_sgd(model, 1e-2, 0.9, 0.0, fused=False)
+        for _ in train_steps(model, optimizer, data, spec, torch.Generator().manual_seed(0), 32, "cpu",
+                             freeze_bn=freeze_bn):
+            pass
+        after = model.state_dict()
+        return ({k: torch.equal(before[k], after[k]) for k in after if "running_" in k},
+                torch.equal(before["1.fc.weight"], after["1.fc.weight"]))
+
+    frozen_stats, frozen_fc_same = tuned(True)
+    moving_stats, _ = tuned(False)
+    assert frozen_stats and all(frozen_stats.values()) and not frozen_fc_same
+    assert not any(moving_stats.values())

@@ -190,3 +190,18 @@ def test_surrogates_are_reproducible_fine_tuned_copies(model):
     assert surrogate_flip_fraction([model], images, labels).sum() == 0
     with pytest.raises(UserError, match="training split"):
         fine_tuned_surrogates(model, None, spec, settings, torch.device("cpu"))
+
+
+def test_every_second_surrogate_keeps_batch_norm_statistics_frozen(model):
+    from fragile.data import get_spec, load_split
+    from fragile.surrogates import fine_tuned_surrogates
+    spec = get_spec("synthetic")
+    settings = {"count": 2, "steps": 2, "subset": 128, "lr": 1e-2, "momentum": 0.9, "weight_decay": 0.0,
+                "batch_size": 32, "mix_bn": True}
+    moving, frozen = fine_tuned_surrogates(model, load_split(spec, "data", True), spec, settings,
+                                           torch.device("cpu"), log=lambda *_: None)
+    original = model.state_dict()
+    stats = [k for k in original if "running_" in k]
+    assert all(torch.equal(frozen.state_dict()[k], original[k]) for k in stats)
+    assert not any(torch.equal(moving.state_dict()[k], original[k]) for k in stats)
+    assert not all(torch.equal(frozen.state_dict()[k], original[k]) for k in original if k.endswith("weight"))
