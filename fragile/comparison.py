@@ -25,6 +25,7 @@ from .benign import benign_run_records, summarize_benign
 from .checkpoint_io import atomic_write_text
 from .cli import UserError
 from .results import to_csv
+from .training import accuracy, predict_logits
 
 DEFAULTS = {"COMPARE_FINETUNE_EPOCHS": 1, "COMPARE_NOISE_SIGMAS": [1e-5, 1e-4, 1e-3], "COMPARE_TRIALS": 20,
             "COMPARE_SINGLE_WEIGHT_EPS": 1e-3, "COMPARE_OBFUSCATE_K": 1, "COMPARE_OBFUSCATE_SCALE": 10.0}
@@ -101,13 +102,43 @@ def finetune_records(ctx, seed):
                           clean_accuracy=last["clean_accuracy"], first_detection_step=first)]
 
 
+def rival_correlation(clean_logits, noisy_logits, key):
+    """How the noise moves each trigger's rivals relative to its key class, averaged over the triggers.
+
+    With d_j = (change of logit j) - (change of the key logit) for every rival class j, the mean pairwise
+    correlation of the d_j across the trials. 0.5 means the class logits move exchangeably (independently,
+    equally): then no trigger, however it was made, leaves its key with probability above 1 - 1/K for K
+    classes, the chance that the key is not the largest of K exchangeable draws. Lower means the rivals
+    move apart from each other (a trigger can beat that ceiling); higher, that they move together against
+    the key. ``noisy_logits`` is (trials, N, K); needs 3 or more trials (None otherwise)."""
+    if noisy_logits.shape[0] < 3 or noisy_logits.shape[2] < 3:
+        return None
+    change = noisy_logits.double() - clean_logits.double()
+    d = change - change.gather(2, key.view(1, -1, 1).expand(change.shape[0], -1, 1))
+    values = []
+    for i in range(d.shape[1]):
+        rivals = d[:, i, torch.arange(d.shape[2]) != key[i]]
+        corr = torch.corrcoef(rivals.T)
+        off_diagonal = corr[~torch.eye(len(corr), dtype=torch.bool)]
+        if torch.isfinite(off_diagonal).all():
+            values.append(off_diagonal.mean().item())
+    return sum(values) / len(values) if values else None
+
+
 def noise_records(ctx, seed):
     records = []
+    clean = predict_logits(ctx.model, ctx.triggers, len(ctx.triggers)).cpu()
     for s, sigma in enumerate(setting(ctx.config, "COMPARE_NOISE_SIGMAS")):
+        label, noisy = f"noise sigma {sigma:g}", []
         for trial in range(setting(ctx.config, "COMPARE_TRIALS")):
             model = ctx.fresh_copy()
             add_weight_noise(model, sigma, perturbation_generator(seed, 10 + s, trial))
-            records.append(attack_record(model, ctx, "noise", f"noise sigma {sigma:g}", sigma=sigma, trial=trial))
+            noisy.append(predict_logits(model, ctx.triggers, len(ctx.triggers)).cpu())
+            records.append(attack_record(model, ctx, "noise", label, sigma=sigma, trial=trial))
+        correlation = rival_correlation(clean, torch.stack(noisy), ctx.key.cpu()) if noisy else None
+        for r in records:
+            if r["setting"] == label:
+                r["rival_correlation"] = correlation
     return records
 
 
@@ -129,7 +160,6 @@ def obfuscate_records(ctx, seed):
     batch = (ctx.train.images[index].float().div(255), ctx.train.labels[index])
     model = ctx.fresh_copy()
     obfuscate(model, k, scale, batch)
-    from .training import accuracy
     return [attack_record(model, ctx, "obfuscate", f"obfuscate k={k}", k=k,
                           clean_accuracy=accuracy(model, ctx.test, ctx.config.get("EVAL_BATCH_SIZE", 1024)))]
 
@@ -177,7 +207,8 @@ def summarize_method(results):
                      "flipped_fraction": sum(r["flipped"] for r in recs) / (len(recs) * n),
                      "detection_probability": sum(bool(r["detected"]) for r in recs) / len(recs),
                      "mean_queries_to_detection": _mean_of(recs, "queries_to_detection"),
-                     "mean_queries_fragility_order": _mean_of(recs, "queries_in_fragility_order")})
+                     "mean_queries_fragility_order": _mean_of(recs, "queries_in_fragility_order"),
+                     "rival_correlation": _mean_of(recs, "rival_correlation")})
     return rows
 
 
@@ -237,11 +268,12 @@ def _fmt(value, spec):
 def comparison_markdown(attack_rows, method_rows, model_line):
     lines = ["# Trigger methods compared", "", model_line, "",
              "| method | attack | trials | triggers flipped | detection probability | mean queries to detection "
-             "(random order) | (fragility order) |", "|---|---|---:|---:|---:|---:|---:|"]
+             "(random order) | (fragility order) | rival correlation |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in attack_rows:
         lines.append(f"| {r['method']} | {r['setting']} | {r['trials']} | {_fmt(r['flipped_fraction'], '.1%')} | "
                      f"{_fmt(r['detection_probability'], '.2f')} | {_fmt(r['mean_queries_to_detection'], '.2f')} | "
-                     f"{_fmt(r.get('mean_queries_fragility_order'), '.2f')} |")
+                     f"{_fmt(r.get('mean_queries_fragility_order'), '.2f')} | "
+                     f"{_fmt(r.get('rival_correlation'), '.2f')} |")
     lines += ["", "| method | false alarms (benign matrix) | largest benign jitter | delta | smallest trigger margin "
               "| PSNR to natural start (mean / min, dB) |", "|---|---:|---:|---:|---:|---:|"]
     for m in method_rows:
@@ -253,7 +285,10 @@ def comparison_markdown(attack_rows, method_rows, model_line):
               "random order, until the first mismatch, (n + 1) / (flipped + 1). Fragility order: the queries a "
               "verifier needs when it asks the triggers in the order recorded at generation (most fragile under "
               "weight noise first, estimated with draws the evaluation never uses) and stops at the first mismatch. "
-              "Both are averaged over the trials that detected. A benign-matrix detection is a false alarm."]
+              "Both are averaged over the trials that detected. A benign-matrix detection is a false alarm. "
+              "Rival correlation (weight noise): the mean pairwise correlation, over the trials, of how much each "
+              "rival class's logit moved relative to the key's; 0.5 means the classes move exchangeably, and then no "
+              "trigger leaves its key with probability above 1 - 1/K for K classes."]
     return "\n".join(lines) + "\n"
 
 

@@ -99,7 +99,7 @@ def compare_results(watermarked, tmp_path_factory):
     """eval.py --attack compare on the fixture's paper triggers, with few trials and a small fine-tuning set."""
     out = tmp_path_factory.mktemp("compare")
     run_script("eval.py", "--model", watermarked["model"], "--attack", "compare", "--device", "cpu",
-               "--results-dir", out, "--compare-trials", 2, "--train-subset", 512, "--test-subset", 200,
+               "--results-dir", out, "--compare-trials", 3, "--train-subset", 512, "--test-subset", 200,
                "--early-steps", "--no-progress")
     path = str(out / "resnet8_synthetic_paper_compare.json")
     return path, read_results(path)
@@ -110,7 +110,10 @@ def test_compare_records_every_attack_and_the_benign_matrix(compare_results):
     records = results["runs"][0]["records"]
     attacks = {r["attack"] for r in records}
     assert attacks == {"finetune", "noise", "single_weight", "obfuscate", "benign"}
-    assert len([r for r in records if r["attack"] == "noise"]) == 3 * 2
+    noise = [r for r in records if r["attack"] == "noise"]
+    assert len(noise) == 3 * 3
+    assert all(-1 <= r["rival_correlation"] <= 1 for r in noise)  # measured on every noise setting
+    assert all("rival_correlation" not in r for r in records if r["attack"] != "noise")
     assert not any(r["detected"] for r in records if r["attack"] == "benign")
     assert all(r["queries_to_detection"] is None or r["queries_to_detection"] >= 1
                for r in records if r["attack"] != "benign")
@@ -119,6 +122,24 @@ def test_compare_records_every_attack_and_the_benign_matrix(compare_results):
         assert (r["queries_in_fragility_order"] is None) == (r["flipped"] == 0)
         if r["flipped"]:
             assert 1 <= r["queries_in_fragility_order"] <= results["num_triggers"] - r["flipped"] + 1
+
+
+def test_rival_correlation_tells_exchangeable_noise_from_structured_noise():
+    """0.5 when every class logit moves independently and equally (the 1 - 1/K ceiling applies), about 0 when
+    the key logit stays put while the rivals move independently, about 1 when the rivals move together."""
+    gen = torch.Generator().manual_seed(0)
+    trials, n, k = 400, 30, 10
+    clean = torch.randn(n, k, generator=gen)
+    key = torch.randint(0, k, (n,), generator=gen)
+    independent = clean + torch.randn(trials, n, k, generator=gen)
+    assert comparison.rival_correlation(clean, independent, key) == pytest.approx(0.5, abs=0.05)
+    still_key = independent.clone()
+    still_key[:, torch.arange(n), key] = clean[torch.arange(n), key]
+    assert comparison.rival_correlation(clean, still_key, key) == pytest.approx(0.0, abs=0.05)
+    together = clean + torch.randn(trials, 1, 1, generator=gen) + 0.1 * torch.randn(trials, n, k, generator=gen)
+    together[:, torch.arange(n), key] = clean[torch.arange(n), key]
+    assert comparison.rival_correlation(clean, together, key) > 0.95
+    assert comparison.rival_correlation(clean, independent[:2], key) is None  # too few trials to say
 
 
 def test_queries_until_mismatch_follows_the_recorded_order():
@@ -138,6 +159,10 @@ def test_render_comparison_writes_table_csv_and_figure(compare_results, tmp_path
     paths = comparison.render_comparison([(path, results), ("margin.json", other)], str(tmp_path))
     table = open(paths["md"]).read()
     assert "| paper | fine-tune 1 epoch |" in table and "| margin |" in table
+    noise_row = next(line for line in table.splitlines() if line.startswith("| paper | noise sigma 0.0001 |"))
+    correlation = next(r["rival_correlation"] for r in results["runs"][0]["records"] if r["attack"] == "noise"
+                       and r["sigma"] == 1e-4)
+    assert noise_row.rstrip(" |").endswith(f"{correlation:.2f}") and "rival correlation" in table
     assert os.path.getsize(paths["png"]) > 0 and "flipped_fraction" in open(paths["csv"]).read()
 
 
