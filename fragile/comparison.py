@@ -129,16 +129,14 @@ def noise_records(ctx, seed):
     records = []
     clean = predict_logits(ctx.model, ctx.triggers, len(ctx.triggers)).cpu()
     for s, sigma in enumerate(setting(ctx.config, "COMPARE_NOISE_SIGMAS")):
-        label, noisy = f"noise sigma {sigma:g}", []
+        label, noisy, trials = f"noise sigma {sigma:g}", [], []
         for trial in range(setting(ctx.config, "COMPARE_TRIALS")):
             model = ctx.fresh_copy()
             add_weight_noise(model, sigma, perturbation_generator(seed, 10 + s, trial))
             noisy.append(predict_logits(model, ctx.triggers, len(ctx.triggers)).cpu())
-            records.append(attack_record(model, ctx, "noise", label, sigma=sigma, trial=trial))
+            trials.append(attack_record(model, ctx, "noise", label, sigma=sigma, trial=trial))
         correlation = rival_correlation(clean, torch.stack(noisy), ctx.key.cpu()) if noisy else None
-        for r in records:
-            if r["setting"] == label:
-                r["rival_correlation"] = correlation
+        records += [dict(r, rival_correlation=correlation) for r in trials]
     return records
 
 
