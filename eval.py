@@ -66,6 +66,7 @@ RESTORE_LR = 1e-3
 RESTORE_RECOVERED = 0.9           # robust watermark counts as restored at >= this fraction of its accuracy before
 # benign matrix
 BENIGN_BATCH_SIZES = [1, 16]       # compared with all triggers at once
+ENVELOPE = []                      # settings the matrix covers (fragile/envelope.py); empty: the triggers' own envelope
 # method comparison (--attack compare; fragile/comparison.py)
 COMPARE_FINETUNE_EPOCHS = 1
 COMPARE_NOISE_SIGMAS = [1e-5, 1e-4, 1e-3]
@@ -90,6 +91,7 @@ from fragile.checkpoint_io import default_checkpoint_path, load_classifier, read
 from fragile.cli import UserError, apply_overrides, run_main
 from fragile.data import DATASETS, balanced_subset, get_spec, load_split
 from fragile.devices import describe_device, resolve_device, set_fast_math
+from fragile.envelope import ENVELOPE_ENTRIES
 from fragile.results import results_path, write_results
 from fragile.triggers import default_paths, load_key, load_triggers
 from fragile.verification import check_compatible
@@ -111,7 +113,7 @@ def load_watermark(model_path, model_meta):
 
 def main():
     config = apply_overrides(globals(), __doc__, choices={"DATASET": list(DATASETS), "ARCH": list(ARCHS),
-                                                           "ATTACK": list(ATTACKS)})
+                                                           "ATTACK": list(ATTACKS), "ENVELOPE": ENVELOPE_ENTRIES})
     device = resolve_device(DEVICE)
     set_fast_math(False)
     model_path = MODEL or default_checkpoint_path(ARCH, DATASET)
@@ -137,7 +139,8 @@ def main():
         run, tampered = ATTACKS[ATTACK](ctx, seed)
         runs.append(run)
     results = {"attack": ATTACK, "model": model_path, "arch": model_meta["arch"], "dataset": model_meta["dataset"],
-               "method": trigger_meta.get("method", METHOD), "weights_sha256": model_meta["weights_sha256"],
+               "method": trigger_meta.get("method", METHOD), "envelope": trigger_meta.get("envelope", ["exact"]),
+               "weights_sha256": model_meta["weights_sha256"],
                "num_triggers": len(key), "config": config, "versions": versions.collect(device),
                "device": describe_device(device), "wall_time_s": round(time.time() - started, 2), "runs": runs}
     write_results(results, out)

@@ -17,6 +17,8 @@ OUT = ""                   # trigger folder; default <checkpoint stem>_triggers_
 KEY_OUT = ""               # key file; default <checkpoint stem>_key_<method>.json
 DATA_DIR = "data"          # test images for the accuracy check (and natural-image methods)
 DEVICE = "auto"
+ENVELOPE = ["exact"]       # benign deployment changes accepted: exact fp16 bf16 batch threads channels_last cuda
+                           # (margin and ftg calibrate delta on their largest jitter; the benign matrix covers each)
 # paper: generator and loss (arXiv 2208.07585)
 LATENT_DIM = 512
 LATENT_SEED = 0            # the fixed latent batch is drawn from this seed (and stored)
@@ -60,6 +62,7 @@ from fragile.checkpoint_io import default_checkpoint_path, load_classifier, mode
 from fragile.cli import UserError, apply_overrides, run_main
 from fragile.data import DATASETS, get_spec, load_split
 from fragile.devices import describe_device, resolve_device, set_fast_math
+from fragile.envelope import ENVELOPE_ENTRIES, resolve_envelope
 from fragile.training import accuracy
 from fragile.triggers import (default_paths, labels_and_margins, load_triggers, make_key, margin_summary,
                               save_key, save_triggers, trigger_meta)
@@ -73,8 +76,10 @@ def fingerprint(model, test):
 
 def main():
     config = apply_overrides(globals(), __doc__, choices={"DATASET": list(DATASETS), "ARCH": list(ARCHS),
-                                                           "METHOD": list(trigger_methods.METHODS)})
+                                                           "METHOD": list(trigger_methods.METHODS),
+                                                           "ENVELOPE": ENVELOPE_ENTRIES})
     device = resolve_device(DEVICE)
+    resolve_envelope(ENVELOPE)  # a bad entry fails now, not after the model and data are loaded
     set_fast_math(False)  # triggers sit near boundaries: optimise in exact fp32
     model_path = MODEL or default_checkpoint_path(ARCH, DATASET)
     model, model_meta = load_classifier(model_path, device)
@@ -95,7 +100,7 @@ def main():
     save_key(key_out, key, spec.num_classes, source)
     order, flip_rate = trigger_methods.fragility_order(model, triggers.to(device), key, config)
     meta = trigger_meta(model_meta, key_out, METHOD, config, info.pop("meta", {}))
-    meta.update(query_order=order, estimated_flip_rate_mean=flip_rate.mean().item())
+    meta.update(query_order=order, estimated_flip_rate_mean=flip_rate.mean().item(), envelope=list(ENVELOPE))
     save_triggers(out, triggers, meta, extra=info)
     from_png, _ = load_triggers(out)
     labels, margins = labels_and_margins(model, from_png.to(device))

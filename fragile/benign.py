@@ -22,6 +22,7 @@ import torch
 from .checkpoint_io import load_classifier, save_classifier
 from .cli import UserError
 from .devices import set_fast_math
+from .envelope import DEFAULT_ENVELOPE, PRECISIONS, CastModel, resolve_envelope
 from .training import predict_logits
 from .verification import query_labels
 
@@ -65,31 +66,43 @@ def channels_last_copy(model):
     return copy.deepcopy(model).to(memory_format=torch.channels_last)
 
 
-def benign_settings(model, images, batch_sizes=DEFAULT_BATCH_SIZES, model_meta=None, alternatives=None):
-    """(name, kind, thunk) for every harmless change that applies here; each thunk returns CPU logits.
+def benign_settings(model, images, batch_sizes=DEFAULT_BATCH_SIZES, model_meta=None, alternatives=None,
+                    envelope=DEFAULT_ENVELOPE):
+    """(name, kind, entry, thunk) for every harmless change of the ``envelope`` that applies here; each thunk
+    returns CPU fp32 logits, and ``entry`` names the envelope entry the setting belongs to.
 
     ``kind`` is "protocol" for changes the verifier must tolerate, or "raw-tf32" for TF32 logits that
     the verifier never sees (query_labels pins fp32) but that are worth reporting.
     ``alternatives`` maps a name to other uint8 images of the same triggers (e.g. the tensor file
-    beside the PNGs); they must give the reference logits too.
+    beside the PNGs); they must give the reference logits too. The checkpoint round trip and the
+    alternatives are in every envelope: they must be bit-exact whatever the deployment.
     """
+    entries = set(resolve_envelope(envelope))
     device = next(model.parameters()).device
     n = max(1, len(images))
     settings = []
-    for bs in batch_sizes:
-        if bs < n:
-            settings.append((f"batch size {bs}", "protocol", lambda bs=bs: _logits(model, images, bs)))
+    if "batch" in entries:
+        settings += [(f"batch size {bs}", "protocol", "batch", lambda bs=bs: _logits(model, images, bs))
+                     for bs in batch_sizes if bs < n]
     many = os.cpu_count() or 1
-    settings.append(("1 thread", "protocol", lambda: _with_threads(1, model, images, n)))
-    if many > 1:
-        settings.append((f"{many} threads", "protocol", lambda: _with_threads(many, model, images, n)))
-    settings.append(("channels_last", "protocol", lambda: _logits(channels_last_copy(model), images, n)))
+    if "threads" in entries:
+        settings.append(("1 thread", "protocol", "threads", lambda: _with_threads(1, model, images, n)))
+        if many > 1:
+            settings.append((f"{many} threads", "protocol", "threads", lambda: _with_threads(many, model, images, n)))
+    if "channels_last" in entries:
+        settings.append(("channels_last", "protocol", "channels_last",
+                         lambda: _logits(channels_last_copy(model), images, n)))
     if model_meta is not None:
-        settings.append(("checkpoint round trip", "protocol",
+        settings.append(("checkpoint round trip", "protocol", "exact",
                          lambda: _logits(_round_trip(model, model_meta), images, n)))
     for name, other in (alternatives or {}).items():
-        settings.append((name, "protocol", lambda other=other: _logits(model, other.to(device), n)))
-    settings.extend(_cross_device_settings(model, images, n))
+        settings.append((name, "protocol", "exact", lambda other=other: _logits(model, other.to(device), n)))
+    if "cuda" in entries:
+        settings.extend(_cross_device_settings(model, images, n))
+    for precision in PRECISIONS:
+        if precision in entries:
+            settings.extend(_precision_settings(model, images, precision, batch_sizes if "batch" in entries else (),
+                                                "cuda" in entries))
     return settings
 
 
@@ -119,13 +132,32 @@ def _cross_device_settings(model, images, n):
     device = next(model.parameters()).device
     other = torch.device("cpu") if device.type == "cuda" else torch.device("cuda")
     gpu_model = model if device.type == "cuda" else copy.deepcopy(model).to("cuda")
-    settings = [(f"on {other.type}", "protocol", lambda: _logits(copy.deepcopy(model).to(other), images.to(other), n)),
-                ("gpu channels_last", "protocol", lambda: _logits(channels_last_copy(gpu_model), images.cuda(), n))]
+    settings = [(f"on {other.type}", "protocol", "cuda",
+                 lambda: _logits(copy.deepcopy(model).to(other), images.to(other), n)),
+                ("gpu channels_last", "protocol", "cuda", lambda: _logits(channels_last_copy(gpu_model), images.cuda(), n))]
 
     def tf32_logits():
         with fast_math(True):
             return predict_logits(gpu_model, images.cuda(), n).cpu()
-    settings.append(("gpu tf32 (raw, never used by the verifier)", "raw-tf32", tf32_logits))
+    settings.append(("gpu tf32 (raw, never used by the verifier)", "raw-tf32", "cuda", tf32_logits))
+    return settings
+
+
+def _precision_settings(model, images, precision, batch_sizes, with_gpu):
+    """fp16 or bf16 inference, all triggers at once and at each of ``batch_sizes``, on the model's device and,
+    with ``with_gpu`` and a GPU present, on the other device too."""
+    device, n = next(model.parameters()).device, max(1, len(images))
+    devices = [device]
+    if with_gpu and torch.cuda.is_available():
+        devices.append(torch.device("cpu") if device.type == "cuda" else torch.device("cuda"))
+    settings = []
+    for target in devices:
+        where = "" if target == device else f" on {target.type}"
+        for bs in (n, *[b for b in batch_sizes if b < n]):
+            label = f"{precision}{where}" + ("" if bs == n else f", batch size {bs}")
+            settings.append((label, "protocol", precision,
+                             lambda target=target, bs=bs: _logits(CastModel(model, PRECISIONS[precision]).to(target),
+                                                                  images.to(target), bs)))
     return settings
 
 
@@ -135,19 +167,23 @@ def max_abs_jitter(logits, reference):
     return (logits.double() - reference.double()).abs().max().item() if len(reference) else 0.0
 
 
-def measure_jitter(model, images, batch_sizes=DEFAULT_BATCH_SIZES, model_meta=None):
-    """The largest logit difference from the reference under each protocol setting, on ``images``.
+def measure_jitter(model, images, batch_sizes=DEFAULT_BATCH_SIZES, model_meta=None, envelope=DEFAULT_ENVELOPE):
+    """The largest logit difference from the reference under each protocol setting of ``envelope``, on ``images``.
 
-    Returns {"per_setting": {name: jitter}, "max": largest, "logit_scale": largest |logit|}. Used by
-    trigger generation (on its starting images) and by the benign matrix (on the deployed triggers).
+    Returns {"per_setting": {name: jitter}, "per_entry": {envelope entry: largest}, "max": largest,
+    "logit_scale": largest |logit|, "envelope": the resolved entries}. Used by trigger generation (on its
+    starting images: delta is calibrated on the largest jitter of the whole envelope) and by the benign
+    matrix (on the deployed triggers).
     """
     reference = reference_logits(model, images)
-    per_setting = {}
-    for name, kind, thunk in benign_settings(model, images, batch_sizes, model_meta):
+    per_setting, per_entry = {}, {}
+    for name, kind, entry, thunk in benign_settings(model, images, batch_sizes, model_meta, envelope=envelope):
         if kind == "protocol":
             per_setting[name] = max_abs_jitter(thunk(), reference)
-    return {"per_setting": per_setting, "max": max(per_setting.values(), default=0.0),
-            "logit_scale": reference.abs().max().item() if len(reference) else 0.0}
+            per_entry[entry] = max(per_entry.get(entry, 0.0), per_setting[name])
+    return {"per_setting": per_setting, "per_entry": per_entry, "max": max(per_setting.values(), default=0.0),
+            "logit_scale": reference.abs().max().item() if len(reference) else 0.0,
+            "envelope": list(resolve_envelope(envelope))}
 
 
 def calibrate_delta(jitter, safety_factor=DEFAULT_SAFETY_FACTOR):
@@ -166,26 +202,28 @@ def top2_margins(logits):
 
 
 def benign_records(model, triggers, key, batch_sizes=DEFAULT_BATCH_SIZES, model_meta=None, alternatives=None,
-                   max_mismatches=0):
-    """One record per setting: label flips against the key (``detected``: a false alarm), the largest
-    logit jitter against the reference, and the smallest top-1 margin in that setting."""
+                   max_mismatches=0, envelope=DEFAULT_ENVELOPE):
+    """One record per setting of ``envelope``: label flips against the key (``detected``: a false alarm), the
+    largest logit jitter against the reference, and the smallest top-1 margin in that setting."""
     key = torch.as_tensor(key).cpu()
     reference = reference_logits(model, triggers)
-    records = [_record("reference (all at once, fp32)", "protocol", reference, reference, key, max_mismatches)]
-    for name, kind, thunk in benign_settings(model, triggers, batch_sizes, model_meta, alternatives):
-        records.append(_record(name, kind, thunk(), reference, key, max_mismatches))
-    if torch.cuda.is_available():  # the verifier itself, asked to verify while the deployer left TF32 on
+    records = [_record("reference (all at once, fp32)", "protocol", "exact", reference, reference, key,
+                       max_mismatches)]
+    for name, kind, entry, thunk in benign_settings(model, triggers, batch_sizes, model_meta, alternatives, envelope):
+        records.append(_record(name, kind, entry, thunk(), reference, key, max_mismatches))
+    if "cuda" in resolve_envelope(envelope):  # the verifier itself, asked to verify while the deployer left TF32 on
         with fast_math(True):
             labels = query_labels(model, triggers)
         records.append(_label_record("verifier with TF32 requested", labels, key, max_mismatches))
     return records
 
 
-def _record(setting, kind, logits, reference, key, max_mismatches):
+def _record(setting, kind, entry, logits, reference, key, max_mismatches):
     labels = logits.argmax(1)
     flipped = int((labels != key).sum())
     raw = kind != "protocol"
-    return {"setting": setting, "kind": kind, "flipped": flipped, "match_rate": 1 - flipped / len(key),
+    return {"setting": setting, "kind": kind, "envelope_entry": entry, "flipped": flipped,
+            "match_rate": 1 - flipped / len(key),
             # a raw TF32 row is information, not a verdict: the verifier never computes in TF32
             "detected": (flipped > max_mismatches) and not raw,
             "max_logit_jitter": max_abs_jitter(logits, reference),
@@ -195,18 +233,26 @@ def _record(setting, kind, logits, reference, key, max_mismatches):
 
 def _label_record(setting, labels, key, max_mismatches):
     flipped = int((labels.cpu() != key).sum())
-    return {"setting": setting, "kind": "protocol", "flipped": flipped, "match_rate": 1 - flipped / len(key),
-            "detected": flipped > max_mismatches, "max_logit_jitter": 0.0, "label_changes_vs_reference": None,
+    return {"setting": setting, "kind": "protocol", "envelope_entry": "cuda", "flipped": flipped,
+            "match_rate": 1 - flipped / len(key), "detected": flipped > max_mismatches, "max_logit_jitter": 0.0, "label_changes_vs_reference": None,
             "min_margin": None}
 
 
 def summarize_benign(records):
-    """False alarms and the largest jitter over the settings the verifier must tolerate."""
+    """False alarms and the largest jitter over the settings the verifier must tolerate, in all and per
+    envelope entry (``per_entry``: {entry: {"false_alarms", "settings", "max_logit_jitter"}})."""
     protocol = [r for r in records if r["kind"] == "protocol"]
+    per_entry = {}
+    for r in protocol:
+        entry = per_entry.setdefault(r.get("envelope_entry", "exact"),
+                                     {"false_alarms": 0, "settings": 0, "max_logit_jitter": 0.0})
+        entry["false_alarms"] += int(r["detected"])
+        entry["settings"] += 1
+        entry["max_logit_jitter"] = max(entry["max_logit_jitter"], r["max_logit_jitter"])
     return {"false_alarms": sum(r["detected"] for r in protocol),
             "settings": len(protocol),
             "max_logit_jitter": max((r["max_logit_jitter"] for r in protocol), default=0.0),
-            "label_flips": sum(r["flipped"] > 0 for r in protocol)}
+            "label_flips": sum(r["flipped"] > 0 for r in protocol), "per_entry": per_entry}
 
 
 # ----------------------------------------------------------------------------- eval.py --attack benign
@@ -250,9 +296,20 @@ def benign_run_records(ctx):
     """The matrix on eval.py's context: records plus the trigger metadata (for delta and PSNR)."""
     pt_path, meta = trigger_files(ctx.config)
     batch_sizes = ctx.config.get("BENIGN_BATCH_SIZES") or DEFAULT_BATCH_SIZES
+    envelope = matrix_envelope(ctx, meta)
     records = benign_records(ctx.model, ctx.triggers, ctx.key, batch_sizes, model_meta_of(ctx),
-                             tensor_alternative(ctx, pt_path), ctx.config.get("MAX_MISMATCHES", 0))
+                             tensor_alternative(ctx, pt_path), ctx.config.get("MAX_MISMATCHES", 0), envelope)
     return records, meta
+
+
+def matrix_envelope(ctx, meta):
+    """eval.py --envelope if given, else the envelope the triggers were calibrated for (recorded in their
+    metadata), else ``exact``. A recorded ``cuda`` entry is left out, with a note, where there is no GPU."""
+    requested = ctx.config.get("ENVELOPE") or meta.get("envelope") or list(DEFAULT_ENVELOPE)
+    envelope = resolve_envelope(requested, strict=False)
+    if "cuda" in requested and "cuda" not in envelope:
+        ctx.log("  envelope entry cuda: not measured, no GPU here")
+    return envelope
 
 
 def run_benign(ctx, seed):
@@ -262,6 +319,9 @@ def run_benign(ctx, seed):
     for r in records:
         ctx.log(f"  {r['setting']:<45} flipped {r['flipped']:>3}  jitter {r['max_logit_jitter']:.2e}"
                 + ("  FALSE ALARM" if r["detected"] else ""))
+    for entry, s in summary["per_entry"].items():
+        ctx.log(f"  envelope entry {entry:<14} {s['false_alarms']} false alarms in {s['settings']} settings, "
+                f"largest jitter {s['max_logit_jitter']:.2e}")
     delta = meta.get("delta")
     ctx.log(f"  {summary['false_alarms']} false alarms in {summary['settings']} settings; largest jitter "
             f"{summary['max_logit_jitter']:.2e}" + (f", delta used at generation {delta:.2e}" if delta else ""))

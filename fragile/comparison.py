@@ -201,7 +201,7 @@ def summarize_method(results):
     rows = []
     for (attack, label), recs in sorted(groups.items(), key=lambda kv: (ATTACK_ORDER.index(kv[0][0]),
                                                                          _setting_order(kv[1][0]))):
-        rows.append({"method": results["method"], "attack": attack, "setting": label, "trials": len(recs),
+        rows.append({"method": method_label(results), "attack": attack, "setting": label, "trials": len(recs),
                      "flipped_fraction": sum(r["flipped"] for r in recs) / (len(recs) * n),
                      "detection_probability": sum(bool(r["detected"]) for r in recs) / len(recs),
                      "mean_queries_to_detection": _mean_of(recs, "queries_to_detection"),
@@ -227,7 +227,9 @@ def method_summary(results):
     psnr = next((run.get("psnr_to_start") for run in runs if run.get("psnr_to_start")), None)
     summary = summarize_benign(benign) if benign else {"false_alarms": None, "settings": 0, "max_logit_jitter": None}
     reference = next((r for r in benign if r["setting"].startswith("reference")), {})
-    return {"method": results["method"], "false_alarms": summary["false_alarms"], "benign_settings": summary["settings"],
+    per_entry = ", ".join(f"{k} {v['false_alarms']}/{v['settings']}" for k, v in summary.get("per_entry", {}).items())
+    return {"method": method_label(results), "false_alarms": summary["false_alarms"],
+            "benign_settings": summary["settings"], "false_alarms_per_entry": per_entry or None,
             "max_benign_jitter": summary["max_logit_jitter"], "min_trigger_margin": reference.get("min_margin"),
             "delta": next((run.get("delta") for run in runs if run.get("delta")), None),
             "psnr_mean_db": psnr.get("mean_db") if psnr else None, "psnr_min_db": psnr.get("min_db") if psnr else None}
@@ -244,15 +246,21 @@ def check_same_model(results_list):
     if len(hashes) > 1:
         raise UserError("the comparison results are for different models (weights hashes differ): "
                         "compare methods on one model")
-    methods = [results["method"] for _, results in results_list]
+    methods = [method_label(results) for _, results in results_list]
     duplicated = sorted({m for m in methods if methods.count(m) > 1})
     if duplicated:
         raise UserError(f"more than one comparison results file for method(s) {', '.join(duplicated)}")
 
 
+def method_label(results):
+    """The method, and its deployment envelope when it is not the default (one method, several envelopes)."""
+    envelope = results.get("envelope") or ["exact"]
+    return results["method"] if list(envelope) == ["exact"] else f"{results['method']} [{'+'.join(envelope)}]"
+
+
 def _method_key(results):
     method = results["method"]
-    return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), method)
+    return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), method_label(results))
 
 
 def _fmt(value, spec):
@@ -272,12 +280,13 @@ def comparison_markdown(attack_rows, method_rows, model_line):
                      f"{_fmt(r['detection_probability'], '.2f')} | {_fmt(r['mean_queries_to_detection'], '.2f')} | "
                      f"{_fmt(r.get('mean_queries_fragility_order'), '.2f')} | "
                      f"{_fmt(r.get('rival_correlation'), '.2f')} |")
-    lines += ["", "| method | false alarms (benign matrix) | largest benign jitter | delta | smallest trigger margin "
-              "| PSNR to natural start (mean / min, dB) |", "|---|---:|---:|---:|---:|---:|"]
+    lines += ["", "| method | false alarms (benign matrix) | per envelope entry | largest benign jitter | delta | "
+              "smallest trigger margin | PSNR to natural start (mean / min, dB) |", "|---|---:|---|---:|---:|---:|---:|"]
     for m in method_rows:
         alarms = "-" if m["false_alarms"] is None else f"{m['false_alarms']} / {m['benign_settings']}"
         psnr = "-" if m["psnr_mean_db"] is None else f"{m['psnr_mean_db']:.1f} / {m['psnr_min_db']:.1f}"
-        lines.append(f"| {m['method']} | {alarms} | {_fmt(m['max_benign_jitter'], '.1e')} | {_fmt(m['delta'], '.1e')} | "
+        lines.append(f"| {m['method']} | {alarms} | {m['false_alarms_per_entry'] or '-'} | "
+                     f"{_fmt(m['max_benign_jitter'], '.1e')} | {_fmt(m['delta'], '.1e')} | "
                      f"{_fmt(m['min_trigger_margin'], '.1e')} | {psnr} |")
     lines += ["", "Queries to detection, random order: the expected number of single-trigger queries, in a uniformly "
               "random order, until the first mismatch, (n + 1) / (flipped + 1). Fragility order: the queries a "

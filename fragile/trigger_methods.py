@@ -30,6 +30,7 @@ from .triggers import generate_paper, quantize, straight_through_quantize
 # Defaults for the knobs generate_samples.py exposes as header constants (a caller that passes a
 # bare config, such as a test, gets these).
 DEFAULTS = {
+    "ENVELOPE": ["exact"],        # ftg / margin: the benign changes whose largest jitter calibrates delta (fragile/envelope.py)
     "CONTROL_SEED": 0,            # random / natural / ftg / margin: which noise or test images are drawn
     "FTG_STEPS": 1000,            # signed-gradient steps (FTG takes thousands)
     "FTG_STEP_SIZE": 0.25 / 255,  # per step, in [0, 1] pixel units
@@ -118,11 +119,13 @@ def natural_starts(model, test, key, num_classes, device, least_confident=True, 
 
 
 def benign_delta(model, images, config, device, log=print):
-    """Measure the benign jitter on ``images`` and turn it into delta (recorded in the trigger metadata)."""
-    jitter = measure_jitter(model, images.to(device))
+    """Measure the benign jitter on ``images`` across the deployment envelope and turn its largest value into
+    delta (recorded in the trigger metadata)."""
+    jitter = measure_jitter(model, images.to(device), envelope=setting(config, "ENVELOPE"))
     delta = calibrate_delta(jitter, setting(config, "MARGIN_SAFETY"))
-    log(f"benign logit jitter {jitter['max']:.2e} (largest logit {jitter['logit_scale']:.1f}): "
-        f"delta = {delta:.2e}")
+    per_entry = ", ".join(f"{k} {v:.1e}" for k, v in jitter["per_entry"].items())
+    log(f"benign logit jitter {jitter['max']:.2e} over the envelope ({per_entry}; largest logit "
+        f"{jitter['logit_scale']:.1f}): delta = {delta:.2e}")
     return jitter, delta
 
 
@@ -164,7 +167,7 @@ def _ftg(model, spec, key, config, device, test, train=None, log=print):
     measured benign jitter (without that floor the export itself would be a coin toss)."""
     starts = natural_starts(model, test, key, spec.num_classes, device, least_confident=False,
                             seed=setting(config, "CONTROL_SEED"))
-    jitter = measure_jitter(model, starts.to(device))
+    jitter = measure_jitter(model, starts.to(device), envelope=setting(config, "ENVELOPE"))
     floor = calibrate_delta(jitter, 1.0)  # the jitter itself (safety factor 1): just enough to export
     key_t = torch.tensor(key, device=device)
     x = to_float(starts.to(device)).requires_grad_(True)
@@ -490,7 +493,7 @@ def _margin(model, spec, key, config, device, test, train=None, log=print):
     images = keep_valid(model, images, fallback, key_t, delta)
     choice, rate, off_key = select_most_fragile(model, images, key_t, pool, delta, config, surrogates)
     images, starts, key_t = images[choice], starts[choice.to(starts.device)], key_t[choice.to(device)]
-    final_jitter = measure_jitter(model, images)
+    final_jitter = measure_jitter(model, images, envelope=setting(config, "ENVELOPE"))
     stats = margin_stats(model, images, key_t, delta, band, device)
     if stats["runner_up_min"] < delta:
         raise UserError(f"a margin trigger ended {stats['runner_up_min']:.2e} above its runner-up, below delta "

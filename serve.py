@@ -1,0 +1,44 @@
+"""Serve a watermarked checkpoint over the Open Inference Protocol (KServe v2 REST), for verify.py --url.
+
+    python serve.py --model checkpoints/resnet8_fashion-mnist.pt --http-port 8080
+    python verify.py --url http://127.0.0.1:8080 --triggers checkpoints/resnet8_fashion-mnist_triggers_paper
+
+POST /v2/models/<model-name>/infer with one input (N, C, H, W), UINT8 or FP32 in [0, 1]; the answer holds
+"labels" (INT64) and "logits" (FP32). Needs KServe: pip install -r requirements-serve.txt. The checkpoint
+is read with torch.load(weights_only=True), as everywhere in this suite.
+"""
+# ----------------------------------------------------------------------------- config
+MODEL = ""                 # the checkpoint to serve (required)
+MODEL_NAME = "fragile-wm"  # served as /v2/models/<name>
+HTTP_PORT = 8080
+PRECISION = "fp32"         # fp32 | fp16 | bf16: half precision is a benign deployment change (generate_samples.py --envelope)
+DEVICE = "cpu"
+# -----------------------------------------------------------------------------
+
+import sys
+
+from fragile.checkpoint_io import read_checkpoint
+from fragile.cli import UserError, apply_overrides, run_main
+
+
+def main():
+    apply_overrides(globals(), __doc__, choices={"PRECISION": ["fp32", "fp16", "bf16"]})
+    if not MODEL:
+        raise UserError("--model is required")
+    if not 0 < HTTP_PORT < 65536:
+        raise UserError(f"--http-port must be 1..65535, not {HTTP_PORT}")
+    read_checkpoint(MODEL)  # a missing, corrupt or unsafe checkpoint fails here, in one line
+    sys.argv = sys.argv[:1]  # KServe parses the command line when imported: it must not see these flags
+    try:
+        from fragile import serving
+    except ModuleNotFoundError as e:
+        if e.name and e.name.split(".")[0] == "kserve":
+            raise UserError("serving needs KServe: pip install -r requirements-serve.txt") from None
+        raise
+    print(f"serving {MODEL} as {MODEL_NAME!r} ({PRECISION}) on http://0.0.0.0:{HTTP_PORT}/v2/models/{MODEL_NAME}",
+          flush=True)
+    serving.serve(MODEL, MODEL_NAME, HTTP_PORT, PRECISION, DEVICE)
+
+
+if __name__ == "__main__":
+    run_main(main)
