@@ -118,6 +118,12 @@ def main():
           f"mean {s['mean']:.3g}  max {s['max']:.3g}")
     print(f"estimated flip rate under weight noise sigma {config['MARGIN_NOISE_SIGMA']:g}: mean "
           f"{flip_rate.mean().item():.2f}, most fragile trigger {flip_rate.max().item():.2f} (queried first)")
+    uncovered = [p for p in ("fp16", "bf16") if p not in ENVELOPE]
+    if uncovered:  # the one line the owner must not miss: half-precision serving is outside this envelope
+        print(f"note: envelope {' '.join(ENVELOPE) or 'exact'} leaves out {' and '.join(uncovered)} inference: "
+              f"{'these triggers' if METHOD in ('margin', 'ftg') else 'near-boundary triggers'} may raise false "
+              f"alarms there (--envelope exact fp16 bf16 calibrates for it; eval.py --attack benign --envelope "
+              f"exact fp16 bf16 measures it)")
     print(f"triggers -> {out}  key -> {key_out}")
 
 

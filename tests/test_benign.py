@@ -175,3 +175,75 @@ def test_render_comparison_refuses_mixed_models_and_other_attacks(compare_result
         comparison.render_comparison([(path, dict(results, attack="noise"))], str(tmp_path))
     with pytest.raises(UserError, match="no comparison results"):
         comparison.render_comparison([], str(tmp_path))
+
+
+# ----------------------------------------------------------------------------- the deployment envelope
+
+def test_envelope_expands_exact_and_refuses_what_it_cannot_measure():
+    from fragile.envelope import resolve_envelope
+    gpu = ("cuda",) if torch.cuda.is_available() else ()
+    assert resolve_envelope(["exact"]) == ("batch", "threads", "channels_last") + gpu
+    assert resolve_envelope([]) == resolve_envelope(["exact"])
+    assert resolve_envelope(["fp16", "batch", "fp16"]) == ("fp16", "batch")
+    with pytest.raises(UserError, match="unknown envelope entry 'int8'"):
+        resolve_envelope(["exact", "int8"])
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="needs a GPU"):
+            resolve_envelope(["exact", "cuda"])
+        assert resolve_envelope(["bf16", "cuda"], strict=False) == ("bf16",)
+
+
+def test_half_precision_jitter_is_measured_per_entry_and_dwarfs_the_exact_one(model_and_meta):
+    model, _ = model_and_meta
+    images = load_split(get_spec("synthetic"), "data", False).images[:20]
+    default = benign.measure_jitter(model, images)
+    assert not any(name.startswith(("fp16", "bf16")) for name in default["per_setting"])  # the default is unchanged
+    wide = benign.measure_jitter(model, images, envelope=["exact", "fp16", "bf16"])
+    assert {"fp16", "fp16, batch size 1", "bf16", "bf16, batch size 16"} <= set(wide["per_setting"])
+    exact = max(wide["per_entry"][e] for e in ("batch", "threads", "channels_last"))
+    assert wide["per_entry"]["bf16"] > wide["per_entry"]["fp16"] > 10 * exact
+    assert wide["max"] == wide["per_entry"]["bf16"]
+    assert benign.calibrate_delta(wide) > 10 * benign.calibrate_delta(default)
+    only_batch = benign.measure_jitter(model, images, envelope=["batch"])
+    assert set(only_batch["per_setting"]) == {"batch size 1", "batch size 16"}
+
+
+def test_margin_triggers_calibrated_on_half_precision_raise_no_false_alarm_there(model_and_meta, margin_set):
+    model, meta = model_and_meta
+    spec = get_spec("synthetic")
+    key = margin_set[1]
+    envelope = ["exact", "fp16", "bf16"]
+    config = {"MARGIN_STEPS": 40, "MARGIN_GRID_ROUNDS": 30, "MARGIN_POOL": 1, "MARGIN_SELECT_DRAWS": 4,
+              "MARGIN_SURROGATES": 0, "ENVELOPE": envelope}
+    triggers, info = trigger_methods.generate("margin", model, spec, list(key), config, torch.device("cpu"),
+                                              load_split(spec, "data", False))
+    delta = info["meta"]["delta"]
+    assert delta >= 10 * info["meta"]["benign_jitter"]["per_entry"]["bf16"] > 100 * margin_set[2]["delta"]
+    records = benign.benign_records(model, triggers, key, model_meta=meta, envelope=envelope)
+    summary = benign.summarize_benign(records)
+    assert {"fp16", "bf16", "batch", "threads", "channels_last", "exact"} <= set(summary["per_entry"])
+    assert summary["per_entry"]["bf16"]["settings"] == 3 and summary["false_alarms"] == 0, \
+        [r for r in records if r["detected"]]
+    # the exact-calibrated set, checked on the same wide matrix: its rows exist and are reported per entry
+    narrow = benign.summarize_benign(benign.benign_records(model, margin_set[0], key, envelope=envelope))
+    assert narrow["per_entry"]["bf16"]["max_logit_jitter"] > margin_set[2]["delta"]
+
+
+def test_eval_benign_covers_the_requested_envelope(watermarked, tmp_path):
+    run_script("eval.py", "--model", watermarked["model"], "--attack", "benign", "--device", "cpu",
+               "--envelope", "batch", "bf16", "--results-dir", tmp_path, "--no-progress")
+    run = read_results(str(tmp_path / "resnet8_synthetic_paper_benign.json"))["runs"][0]
+    entries = {r["setting"]: r["envelope_entry"] for r in run["records"]}
+    assert entries["bf16"] == entries["bf16, batch size 1"] == "bf16" and entries["batch size 16"] == "batch"
+    assert "1 thread" not in entries and "channels_last" not in entries
+    assert sum(s["false_alarms"] for s in run["per_entry"].values()) == run["false_alarms"]
+
+
+@pytest.mark.parametrize("envelope, expected", [(["fp32"], "invalid choice"), (["cuda"], "needs a GPU")])
+def test_generate_refuses_a_bad_envelope_in_one_line(watermarked, tmp_path, envelope, expected):
+    if "cuda" in envelope and torch.cuda.is_available():
+        pytest.skip("a GPU is present: the cuda entry is valid here")
+    proc = run_script("generate_samples.py", "--model", watermarked["model"], "--envelope", *envelope,
+                      "--out", tmp_path / "t", "--device", "cpu", check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and expected in lines[0], proc.stderr
