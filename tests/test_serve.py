@@ -126,15 +126,16 @@ def test_served_model_verifies_intact_then_tampered_when_swapped(watermarked, tm
 
 
 def test_half_precision_serving_verifies_intact_with_triggers_calibrated_for_it(watermarked, tmp_path):
-    """margin triggers calibrated on the envelope exact + fp16 + bf16: the bf16-served untouched model is intact,
-    and the benign matrix (in-process) records no false alarm in any of the three entries."""
+    """margin triggers calibrated on the envelope exact + fp16 + bf16: the untouched model served in bf16, and
+    in fp16, verifies intact (tests/test_benign.py checks the same on the in-process matrix)."""
     out, key = tmp_path / "margin_wide", tmp_path / "key.json"
     run_script("generate_samples.py", "--model", watermarked["model"], "--method", "margin", "--num-triggers", 12,
                "--key-seed", 1, "--device", "cpu", "--envelope", "exact", "fp16", "bf16", "--margin-steps", 40,
                "--margin-grid-rounds", 30, "--margin-pool", 1, "--margin-select-draws", 4, "--margin-surrogates", 0,
                "--out", out, "--key-out", key, "--no-progress")
     meta = json.load(open(out / "meta.json"))
-    assert meta["envelope"] == ["exact", "fp16", "bf16"] and meta["delta"] >= 10 * meta["benign_jitter"]["per_entry"]["bf16"]
+    assert meta["envelope"] == ["exact", "fp16", "bf16"]
+    assert meta["delta"] >= 10 * meta["benign_jitter"]["per_entry"]["bf16"]
     for precision in ("bf16", "fp16"):
         with served(watermarked["model"], tmp_path, precision=precision) as url:
             code, report = verify_json("--url", url, "--triggers", out, "--key", key, "--timeout", 60)
