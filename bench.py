@@ -54,7 +54,7 @@ from fragile.cli import UserError, apply_overrides, run_main
 from fragile.data import DATASETS, balanced_subset, device_generator, get_spec, load_split, synthetic_split
 from fragile.devices import describe_device, resolve_device, seed_everything, set_fast_math
 from fragile.reference_loop import pytorch_default_backends, reference_loader, reference_sgd, reference_steps
-from fragile.training import make_sgd, prepare_model, train_steps
+from fragile.training import make_sgd, prepare_model, sgd_kernels, train_steps
 from fragile.triggers import generate_paper, make_key
 from fragile.verification import query_labels
 from fragile import versions
@@ -124,8 +124,8 @@ def our_steps(model, optimizer, split, spec, cfg, device):
 
 def bench_ours(model, split, spec, cfg, device):
     set_fast_math(cfg["FAST_MATH"] and device.type == "cuda")
-    model = prepare_model(model, device, cfg["CHANNELS_LAST"])
-    optimizer = make_sgd(model, cfg["LR"], 0.9, 5e-4, fused=cfg["FUSED_OPTIMIZER"])
+    model = prepare_model(model, device, cfg["CHANNELS_LAST"] and device.type == "cuda")
+    optimizer = make_sgd(model, cfg["LR"], 0.9, 5e-4, kernels=sgd_kernels(cfg["FUSED_OPTIMIZER"]))
     train_model = torch.compile(model) if cfg["COMPILE"] else model
     result = time_steps(our_steps(train_model, optimizer, split.to(device), spec, cfg, device),
                         cfg["WARMUP_STEPS"], cfg["MEASURE_STEPS"], device)

@@ -24,9 +24,11 @@ BATCH_SIZE = 256
 LR = 1e-3
 MOMENTUM = 0.9
 WEIGHT_DECAY = 1e-3
+DECAY_ALL = True           # weight decay on every parameter, batch norm included (the paper's plain SGD); off: not on norms/biases
 AUGMENT = True
 FREEZE_BN = False          # fine-tune with batch-norm statistics frozen (only the weights move)
-AMP = True                 # bf16 autocast for the fine-tuning steps on GPU (verification stays fp32)
+AMP = True                 # mixed precision for the fine-tuning steps on GPU: bf16, or fp16 + loss scaling (verification stays fp32)
+FAST_MATH = True           # TF32 and cuDNN autotuning for the fine-tuning steps on GPU (verification pins fp32 itself)
 FUSED_OPTIMIZER = True
 DATA_ON_DEVICE = True      # keep the fine-tuning data on the device (off: on the CPU, batches copied over)
 EARLY_STEPS = [1, 2, 5, 10, 20, 50, 100]   # extra measurements inside the first epoch
@@ -113,7 +115,7 @@ def main():
     config = apply_overrides(globals(), __doc__, choices={"DATASET": list(DATASETS), "ARCH": list(ARCHS),
                                                            "ATTACK": list(ATTACKS)})
     device = resolve_device(DEVICE)
-    set_fast_math(False)
+    set_fast_math(FAST_MATH and device.type == "cuda")
     model_path = MODEL or default_checkpoint_path(ARCH, DATASET)
     model, model_meta = load_classifier(model_path, device)
     triggers, key, trigger_meta = load_watermark(model_path, model_meta)

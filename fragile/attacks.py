@@ -11,7 +11,7 @@ import torch
 
 from .data import Split, to_float
 from .devices import seed_everything
-from .training import accuracy, make_sgd, predict_logits, train_mode, train_steps
+from .training import accuracy, grad_scaler, make_sgd, predict_logits, sgd_kernels, train_mode, train_steps
 from .verification import queries_until_mismatch, query_labels
 
 EARLY_STEPS_DEFAULT = (1, 2, 5, 10, 20, 50, 100)
@@ -113,7 +113,9 @@ def fine_tune(model, ctx, seed, epochs, poisoned=False, extra_metrics=(), phase=
     gen.manual_seed(seed)
     poison_gen = torch.Generator(device=ctx.device)   # picks poisoned samples where the batch lives
     poison_gen.manual_seed(seed + 1)
-    optimizer = make_sgd(model, cfg["LR"], cfg["MOMENTUM"], cfg["WEIGHT_DECAY"], fused=cfg["FUSED_OPTIMIZER"])
+    optimizer = make_sgd(model, cfg["LR"], cfg["MOMENTUM"], cfg["WEIGHT_DECAY"], kernels=sgd_kernels(cfg["FUSED_OPTIMIZER"]),
+                         decay_all=cfg.get("DECAY_ALL", True))
+    scaler = grad_scaler(ctx.device, cfg["AMP"])   # fp16 autocast only: its loss scale carries across epochs
     if cfg.get("CHANNELS_LAST") and ctx.device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     train_model = torch.compile(model) if cfg.get("COMPILE") else model  # measurements use the plain module
@@ -126,7 +128,7 @@ def fine_tune(model, ctx, seed, epochs, poisoned=False, extra_metrics=(), phase=
     for epoch in range(epochs):
         for step, loss, _, _ in train_steps(train_model, optimizer, data, ctx.spec, gen, cfg["BATCH_SIZE"], ctx.device,
                                             cfg["AMP"], augmented=cfg["AUGMENT"], batch_transform=transform,
-                                            first_step=step, freeze_bn=cfg.get("FREEZE_BN", False)):
+                                            first_step=step, freeze_bn=cfg.get("FREEZE_BN", False), scaler=scaler):
             if first_detection is None and watermark_state(model, ctx, cfg["MAX_MISMATCHES"])["detected"]:
                 first_detection = step + step_offset
             if epoch == 0 and step in early and step < steps_per_epoch:

@@ -104,7 +104,7 @@ def test_resume_without_interrupted_run_is_one_clear_error(tmp_path):
     (["--arch", "vgg"], "invalid choice"),
     (["--out", "/proc/forbidden/x.pt"], "output folder"),
     (["--dataset", "cifar10", "--data-dir", "/nonexistent-offline"], "--data-dir"),
-    (["--lr", "1e12", "--epochs", "1", "--train-subset", "200"], "loss became"),
+    (["--lr", "1e12", "--epochs", "1", "--train-subset", "200", "--batch-size", "32"], "loss became"),
 ])
 def test_bad_input_is_one_line_and_nonzero_exit(tmp_path, args, message):
     base = ["--dataset", "synthetic", "--arch", "resnet8", "--device", "cpu", "--no-progress", "--out", tmp_path / "m.pt"]
