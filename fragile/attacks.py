@@ -11,6 +11,7 @@ import torch
 
 from .data import Split, to_float
 from .devices import seed_everything
+from .progress import progress_bar
 from .training import accuracy, grad_scaler, make_sgd, predict_logits, sgd_kernels, train_mode, train_steps
 from .verification import queries_until_mismatch, query_labels
 
@@ -126,9 +127,11 @@ def fine_tune(model, ctx, seed, epochs, poisoned=False, extra_metrics=(), phase=
     first_detection = 0 if records[0]["detected"] else None
     step = 0
     for epoch in range(epochs):
-        for step, loss, _, _ in train_steps(train_model, optimizer, data, ctx.spec, gen, cfg["BATCH_SIZE"], ctx.device,
-                                            cfg["AMP"], augmented=cfg["AUGMENT"], batch_transform=transform,
-                                            first_step=step, freeze_bn=cfg.get("FREEZE_BN", False), scaler=scaler):
+        steps = train_steps(train_model, optimizer, data, ctx.spec, gen, cfg["BATCH_SIZE"], ctx.device, cfg["AMP"],
+                            augmented=cfg["AUGMENT"], batch_transform=transform, first_step=step,
+                            freeze_bn=cfg.get("FREEZE_BN", False), scaler=scaler)
+        for step, loss, _, _ in progress_bar(steps, total=steps_per_epoch, desc=f"{phase} epoch {epoch + 1}/{epochs}",
+                                             enabled=cfg.get("PROGRESS", False)):
             if first_detection is None and watermark_state(model, ctx, cfg["MAX_MISMATCHES"])["detected"]:
                 first_detection = step + step_offset
             if epoch == 0 and step in early and step < steps_per_epoch:

@@ -50,6 +50,10 @@ step() {  # step NAME COMMAND...: run it, then record its wall time (only steps 
     printf '{"step": "%s", "seconds": %d}\n' "$name" "$((end - start))" >> "$OUT/timings.jsonl"
 }
 
+part_of() {  # part_of DIR ATTACK: the results file eval.py wrote there (named after the model), if any
+    compgen -G "$1/*_paper_$2.json" | head -n 1 || true
+}
+
 "$PYTHON" -c "import json, sys; from fragile import versions; from fragile.devices import describe_device, \
 resolve_device; d = resolve_device('$DEVICE'); json.dump({**versions.collect(d), 'device': describe_device(d)}, \
 sys.stdout, indent=1)" > "$OUT/machine.json"
@@ -68,10 +72,11 @@ for attack in finetune poison; do
     parts=()
     for seed in $SEEDS; do
         dir=$OUT/runs/seed$seed
-        part=$dir/${ARCH}_${DATASET}_paper_$attack.json
-        if [ ! -f "$part" ]; then
+        part=$(part_of "$dir" "$attack")
+        if [ -z "$part" ]; then
             step "$attack seed $seed" "$PYTHON" eval.py --model "$MODEL" --attack "$attack" --seeds "$seed" \
                 --epochs "$FINETUNE_EPOCHS" --train-subset "$SUBSET" --results-dir "$dir" "${COMMON[@]}"
+            part=$(part_of "$dir" "$attack")
         fi
         parts+=("$part")
     done
