@@ -126,7 +126,7 @@ def main():
         optimizer.load_state_dict(payload["train_state"]["optimizer"])
         start_epoch, elapsed = payload["train_state"]["epoch"], payload["train_state"]["elapsed"]
         restore_rng(payload["train_state"]["rng"], gen, reseed=SEED + start_epoch)
-        if "scaler" in payload["train_state"]:
+        if payload["train_state"].get("scaler"):  # empty when saved without fp16 loss scaling
             scaler.load_state_dict(payload["train_state"]["scaler"])
         test_acc = payload["meta"].get("test_accuracy")  # a run stopped after its last epoch saves this one
         print(f"resuming {resume_path(out)} after epoch {start_epoch}")

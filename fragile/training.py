@@ -137,6 +137,7 @@ def train_steps(model, optimizer, split, spec, gen, batch_size, device, amp=Fals
     loop never waits for the GPU; callers synchronize only when they print. ``scaler`` (fp16 autocast)
     persists across epochs when the caller passes one.
     """
+    device = torch.device(device)   # callers may name it ("cpu")
     scaler = scaler or grad_scaler(device, amp)
     train_mode(model, freeze_bn)
     step = first_step

@@ -116,12 +116,13 @@ def test_bad_input_is_one_line_and_nonzero_exit(tmp_path, args, message):
 
 @requires_fashion_mnist
 def test_fashion_mnist_resnet8_reaches_stated_accuracy(tmp_path):
+    """The README's quick start, with the paper's recipe (the default)."""
     out = tmp_path / "fm.pt"
-    proc = run_script("train.py", "--dataset", "fashion-mnist", "--arch", "resnet8", "--epochs", 1,
-                      "--train-subset", 5000, "--device", "cpu", "--no-progress", "--out", out,
+    proc = run_script("train.py", "--dataset", "fashion-mnist", "--arch", "resnet8", "--epochs", 3,
+                      "--train-subset", 20000, "--device", "cpu", "--no-progress", "--out", out,
                       "--data-dir", tmp_path / "data")
     meta = read_checkpoint(str(out))["meta"]
-    assert meta["test_accuracy"] > 0.70, proc.stdout
+    assert meta["config"]["RECIPE"] == "paper" and meta["test_accuracy"] > 0.80, proc.stdout
     model, _ = load_classifier(str(out))
     test = load_split(get_spec("fashion-mnist"), str(tmp_path / "data"), train=False)
     assert accuracy(model, test) == pytest.approx(meta["test_accuracy"], abs=1e-6)
