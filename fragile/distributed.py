@@ -28,7 +28,7 @@ TIMEOUT = datetime.timedelta(minutes=60)   # the longest a rank waits at a colle
 GRACE_S = 5.0       # a rank other than 0 waits this long for torchrun's SIGTERM before reporting its own error
 TEST_FAIL_RANK, TEST_FAIL_AT_STEP = "FRAGILE_TEST_FAIL_RANK", "FRAGILE_TEST_FAIL_AT_STEP"   # tests only
 
-_state = {"rank": 0, "world_size": 1, "local_rank": 0, "device": None}
+_state = {"rank": 0, "world_size": 1, "local_rank": 0, "device": None, "backend": None}
 
 
 def launched():
@@ -65,13 +65,14 @@ def choose_backend(backend, device):
 
 
 def rank_device(device, local_rank):
-    """On GPUs each rank takes cuda:LOCAL_RANK (torchrun's --nproc_per_node should not exceed the GPUs)."""
+    """On GPUs each rank takes cuda:LOCAL_RANK (torchrun's --nproc_per_node must not exceed the GPUs; every
+    rank of the node checks the node's count, so that rank 0 reports it)."""
     if device.type != "cuda":
         return device
-    available = torch.cuda.device_count()
-    if local_rank >= available:
-        raise UserError(f"torchrun started {os.environ.get('LOCAL_WORLD_SIZE', local_rank + 1)} processes on this "
-                        f"node but it has {available} GPU(s): pass --nproc_per_node {available} or fewer")
+    available, on_node = torch.cuda.device_count(), int(os.environ.get("LOCAL_WORLD_SIZE", local_rank + 1))
+    if max(on_node, local_rank + 1) > available:
+        raise UserError(f"torchrun started {on_node} processes on this node but it has {available} GPU(s): "
+                        f"pass --nproc_per_node {available} or fewer")
     torch.cuda.set_device(local_rank)
     return torch.device("cuda", local_rank)
 
@@ -96,7 +97,7 @@ def setup(backend, device, batch_sizes=()):
                             f"batch must be a multiple of the world size (torchrun --nproc_per_node x --nnodes)")
     device = rank_device(device, state["local_rank"])
     torch.distributed.init_process_group(chosen, timeout=TIMEOUT, device_id=device if device.type == "cuda" else None)
-    _state["device"] = device
+    _state.update(device=device, backend=chosen)
     print(f"torchrun: world size {state['world_size']}, backend {chosen}, rank 0 on {device}")
     return device
 
@@ -108,9 +109,9 @@ def cleanup():
 
 
 def barrier():
-    if active():
-        device = _state["device"]
-        torch.distributed.barrier(device_ids=[device.index] if device is not None and device.type == "cuda" else None)
+    if active():   # NCCL is told its device (it would guess otherwise); gloo needs none
+        nccl = _state["backend"] == "nccl"
+        torch.distributed.barrier(device_ids=[_state["device"].index] if nccl else None)
 
 
 def on_main(fn, *args, **kwargs):
