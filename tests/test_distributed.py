@@ -118,6 +118,7 @@ def test_plain_run_is_what_torchrun_with_one_process_trains(runs):
 
 def test_two_processes_reach_the_accuracy_of_one_with_the_same_global_batch(runs):
     one, two = meta(runs["plain"])["test_accuracy"], meta(runs["two"])["test_accuracy"]
+    print(f"test accuracy: 1 process {one:.4f}, 2 processes {two:.4f}")
     assert one > 0.5 and two > 0.5   # both learned (chance is 0.1)
     assert abs(one - two) <= ACCURACY_NOISE, (one, two)
     assert meta(runs["two"])["world_size"] == 2
@@ -198,3 +199,13 @@ def test_nccl_on_the_cpu_is_one_error_line(script, tmp_path):
                       tmp_path / "m.pt", check=False)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode != 0 and len(lines) == 1 and lines[0].startswith("error: --backend nccl needs GPUs"), proc.stderr
+
+
+def test_bench_times_the_data_parallel_loop_with_the_global_batch(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = succeeded(torchrun("bench.py", "--device", "cpu", "--num-images", 64, "--batch-size", 16, "--warmup-steps", 1,
+                              "--measure-steps", 2, "--threads", 1, "--out", out))
+    result = json.loads(out.read_text())
+    assert result["world_size"] == 2 and result["ours"]["world_size"] == 2
+    assert result["ours"]["images"] == 2 * 16 and result["ours"]["images_per_s"] > 0   # global images, counted once
+    assert proc.stdout.count("images/s") == 1 and "8 per rank" in proc.stdout
