@@ -29,6 +29,7 @@ AUGMENT = True               # the dataset's train-time augmentation (on the dev
 SEED = 0
 DEVICE = "auto"              # auto | cpu | cuda | cuda:N (under torchrun: each rank takes cuda:LOCAL_RANK)
 BACKEND = "auto"             # torchrun only: auto (nccl on GPUs, gloo on CPU) | nccl | gloo
+SYNC_BN = False              # torchrun on GPUs: batch-norm statistics over the global batch (SyncBatchNorm), not per rank
 AMP = True                   # mixed precision on GPU: bf16 where native, else fp16 with loss scaling (CPU: fp32)
 FAST_MATH = True             # TF32 matmuls/convolutions and cuDNN autotuning on GPU
 DATA_ON_DEVICE = True        # keep the uint8 dataset on the training device (off: on the CPU, batches copied over)
@@ -120,6 +121,8 @@ def main():
     device = dist.setup(BACKEND, device, [("batch-size", BATCH_SIZE)])
     if dist.is_main():  # only rank 0 writes
         check_writable(out)
+    if SYNC_BN and device.type != "cuda":
+        raise UserError("--sync-bn needs GPUs: torch's SyncBatchNorm does not run on the CPU")
     set_fast_math(FAST_MATH and device.type == "cuda")
     seed_everything(SEED)
     spec, train, test = load_dataset(DATASET, DATA_DIR, device if DATA_ON_DEVICE else "cpu", TRAIN_SUBSET, SEED)
@@ -128,6 +131,8 @@ def main():
     model = build_classifier(ARCH, spec)
     backdoor = robust_watermark.make_trigger_set(spec, BACKDOOR_TRIGGERS, SEED) if BACKDOOR_WATERMARK else None
     model = prepare_model(model, device, CHANNELS_LAST and device.type == "cuda")
+    if SYNC_BN and dist.world_size() > 1:   # same parameters and buffers: checkpoints load into the plain model
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizer = make_sgd(model, LR, MOMENTUM, WEIGHT_DECAY, nesterov=NESTEROV, kernels=sgd_kernels(FUSED_OPTIMIZER),
                          decay_all=DECAY_ALL)
     scaler = grad_scaler(device, AMP)

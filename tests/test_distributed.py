@@ -193,12 +193,14 @@ def test_a_fine_tuning_attack_that_is_not_data_parallel_is_refused_under_torchru
     assert proc.returncode != 0 and len(error_lines(proc)) == 1 and "noise does not run data parallel" in proc.stderr
 
 
-@pytest.mark.parametrize("script", ["train.py", "eval.py"])
-def test_nccl_on_the_cpu_is_one_error_line(script, tmp_path):
-    proc = run_script(script, "--backend", "nccl", "--device", "cpu", "--model" if script == "eval.py" else "--out",
+@pytest.mark.parametrize("script,flag,message", [("train.py", "--backend nccl", "--backend nccl needs GPUs"),
+                                                  ("eval.py", "--backend nccl", "--backend nccl needs GPUs"),
+                                                  ("train.py", "--sync-bn", "--sync-bn needs GPUs")])
+def test_a_gpu_only_setting_with_the_cpu_is_one_error_line(script, flag, message, tmp_path):
+    proc = run_script(script, *flag.split(), "--device", "cpu", "--model" if script == "eval.py" else "--out",
                       tmp_path / "m.pt", check=False)
     lines = proc.stderr.strip().splitlines()
-    assert proc.returncode != 0 and len(lines) == 1 and lines[0].startswith("error: --backend nccl needs GPUs"), proc.stderr
+    assert proc.returncode != 0 and len(lines) == 1 and lines[0].startswith(f"error: {message}"), proc.stderr
 
 
 def test_bench_times_the_data_parallel_loop_with_the_global_batch(tmp_path):
