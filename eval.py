@@ -146,7 +146,8 @@ def main():
     results = {"attack": ATTACK, "model": model_path, "arch": model_meta["arch"], "dataset": model_meta["dataset"],
                "method": trigger_meta.get("method", METHOD), "weights_sha256": model_meta["weights_sha256"],
                "num_triggers": len(key), "config": config, "versions": versions.collect(device),
-               "device": describe_device(device), "world_size": dist.world_size(), "wall_time_s": round(time.time() - started, 2), "runs": runs}
+               "device": describe_device(device), "world_size": dist.world_size(),
+               "wall_time_s": round(time.time() - started, 2), "runs": runs}
     dist.on_main(write_outputs, results, out, tampered, model_meta)
     dist.cleanup()
 

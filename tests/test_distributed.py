@@ -83,7 +83,7 @@ def test_single_process_batches_are_those_of_the_unsharded_loader():
 def test_the_same_seed_gives_the_same_order_for_a_world_size():
     spec = cifar_like_spec()
     split = synthetic_split(spec, True, n=256)
-    first, again, other = batches(split, spec, 1, 2, seed=5), batches(split, spec, 1, 2, seed=5), batches(split, spec, 1, 2, seed=6)
+    first, again, other = (batches(split, spec, 1, 2, seed=seed) for seed in (5, 5, 6))
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, again))
     assert not all(torch.equal(a[1], b[1]) for a, b in zip(first, other))
 
