@@ -2,6 +2,7 @@
 
     python eval.py --dataset fashion-mnist --arch resnet8 --attack finetune --epochs 2 --device cpu
     python eval.py --attack poison --seeds 0 1 2
+    torchrun --standalone --nproc_per_node 4 eval.py --attack finetune   # data-parallel fine-tuning
 
 The watermarked checkpoint is never modified: every attack works on a copy.
 """
@@ -17,7 +18,8 @@ SEEDS = [0]
 DATA_DIR = "data"
 TRAIN_SUBSET = 0           # >0: fine-tune on this many samples, class-balanced
 TEST_SUBSET = 0            # >0: measure clean accuracy / ASR on this many test images
-DEVICE = "auto"
+DEVICE = "auto"            # under torchrun: each rank takes cuda:LOCAL_RANK
+BACKEND = "auto"           # torchrun only: auto (nccl on GPUs, gloo on CPU) | nccl | gloo
 # fine-tuning: the paper's settings
 EPOCHS = 40
 BATCH_SIZE = 256
@@ -87,7 +89,7 @@ import time
 import torch
 
 from fragile.attack_registry import ATTACKS
-from fragile.attacks import EvalContext
+from fragile.attacks import ATTACKS as FINETUNE_ATTACKS, EvalContext
 from fragile.checkpoint_io import default_checkpoint_path, load_classifier, read_checkpoint, save_classifier
 from fragile.cli import UserError, apply_overrides, run_main
 from fragile.data import DATASETS, balanced_subset, get_spec, load_split
@@ -95,7 +97,7 @@ from fragile.devices import describe_device, resolve_device, set_fast_math
 from fragile.results import results_path, write_results
 from fragile.triggers import default_paths, load_key, load_triggers
 from fragile.verification import check_compatible
-from fragile import robust_watermark, versions
+from fragile import distributed as dist, robust_watermark, versions
 from models import ARCHS
 
 
@@ -113,8 +115,11 @@ def load_watermark(model_path, model_meta):
 
 def main():
     config = apply_overrides(globals(), __doc__, choices={"DATASET": list(DATASETS), "ARCH": list(ARCHS),
-                                                           "ATTACK": list(ATTACKS)})
-    device = resolve_device(DEVICE)
+                                                           "ATTACK": list(ATTACKS), "BACKEND": list(dist.BACKENDS)})
+    device = dist.setup(BACKEND, resolve_device(DEVICE), [("batch-size", BATCH_SIZE)])
+    if dist.world_size() > 1 and ATTACK not in FINETUNE_ATTACKS:
+        raise UserError(f"--attack {ATTACK} does not run data parallel: under torchrun only "
+                        f"{' and '.join(FINETUNE_ATTACKS)} do; run it with plain python")
     set_fast_math(FAST_MATH and device.type == "cuda")
     model_path = MODEL or default_checkpoint_path(ARCH, DATASET)
     model, model_meta = load_classifier(model_path, device)
@@ -141,7 +146,14 @@ def main():
     results = {"attack": ATTACK, "model": model_path, "arch": model_meta["arch"], "dataset": model_meta["dataset"],
                "method": trigger_meta.get("method", METHOD), "weights_sha256": model_meta["weights_sha256"],
                "num_triggers": len(key), "config": config, "versions": versions.collect(device),
-               "device": describe_device(device), "wall_time_s": round(time.time() - started, 2), "runs": runs}
+               "device": describe_device(device), "world_size": dist.world_size(),
+               "wall_time_s": round(time.time() - started, 2), "runs": runs}
+    dist.on_main(write_outputs, results, out, tampered, model_meta)
+    dist.cleanup()
+
+
+def write_outputs(results, out, tampered, model_meta):
+    """Results JSON and CSV, and the tampered model when asked (rank 0 alone under torchrun)."""
     write_results(results, out)
     print(f"results -> {out} (+ .csv)")
     if SAVE_TAMPERED and tampered is not None:

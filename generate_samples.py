@@ -66,7 +66,7 @@ from fragile.devices import describe_device, resolve_device, set_fast_math
 from fragile.training import accuracy
 from fragile.triggers import (GENERATOR_RECIPES, default_paths, labels_and_margins, load_triggers, make_key, margin_summary,
                               save_key, save_triggers, trigger_meta)
-from fragile import trigger_methods
+from fragile import distributed as dist, trigger_methods
 from models import ARCHS
 
 
@@ -79,7 +79,12 @@ def main():
                                                            "METHOD": list(trigger_methods.METHODS),
                                                            "RECIPE": list(GENERATOR_RECIPES)})
     config = apply_preset(globals(), config, GENERATOR_RECIPES[RECIPE])
-    device = resolve_device(DEVICE)
+    device = dist.setup("auto", resolve_device(DEVICE))
+    dist.on_main(generate, config, device)   # under torchrun: rank 0 alone, the others wait
+    dist.cleanup()
+
+
+def generate(config, device):
     set_fast_math(False)  # triggers sit near boundaries: optimise in exact fp32
     model_path = MODEL or default_checkpoint_path(ARCH, DATASET)
     model, model_meta = load_classifier(model_path, device)

@@ -5,6 +5,7 @@ A script declares its hyperparameters as plain constants, then calls
 whose default is the header's value. Editing the header and passing flags are equivalent.
 """
 import argparse
+import os
 import sys
 import traceback
 
@@ -77,20 +78,29 @@ def apply_preset(namespace, config, values):
 INTERRUPTED_NOTHING_SAVED = "interrupted; nothing was saved (outputs are written only when complete)"
 
 
+def _report(message, error=None):
+    """One ``error:`` line; under torchrun (its variables set), from the failing rank only
+    (fragile.distributed.report, imported only there: scripts without torch stay light)."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        from .distributed import report
+        report(f"error: {message}", error)
+    else:
+        print(f"error: {message}", file=sys.stderr)
+
+
 def run_main(main, error_exit_code=2, interrupted=INTERRUPTED_NOTHING_SAVED):
     """Run a script's ``main``: user errors become one ``error:`` line and a non-zero exit.
     ``interrupted`` is what Ctrl-C tells the user: each script says what it kept and how to go on."""
     try:
         code = main()
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        _report(e)
         sys.exit(error_exit_code)
     except KeyboardInterrupt:
-        print(f"error: {interrupted}", file=sys.stderr)
+        _report(interrupted)
         sys.exit(130)
     except Exception as e:  # an unexpected bug: still one line, with the full trace on demand
-        print(f"error: {type(e).__name__}: {e} (set FRAGILE_DEBUG=1 for the traceback)", file=sys.stderr)
-        import os
+        _report(f"{type(e).__name__}: {e} (set FRAGILE_DEBUG=1 for the traceback)", e)
         if os.environ.get("FRAGILE_DEBUG"):
             traceback.print_exc()
         sys.exit(error_exit_code)

@@ -73,7 +73,7 @@ def read_results(path):
     return validate(results, path)
 
 
-RUN_PLACEMENT = ("SEEDS", "RESULTS_DIR", "PROGRESS")   # settings that may differ between merged parts
+RUN_PLACEMENT = ("SEEDS", "RESULTS_DIR", "PROGRESS", "BACKEND")   # settings that may differ between merged parts
 
 
 def merge_results(paths, out):

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import to_float, train_batches
+from .distributed import fail_if_asked
 
 
 def amp_dtype(device, amp):
@@ -129,19 +130,21 @@ def train_mode(model, freeze_bn=False):
 
 
 def train_steps(model, optimizer, split, spec, gen, batch_size, device, amp=False, label_smoothing=0.0,
-                augmented=True, batch_transform=None, lr_for_step=None, first_step=0, freeze_bn=False, scaler=None):
+                augmented=True, batch_transform=None, lr_for_step=None, first_step=0, freeze_bn=False, scaler=None,
+                rank=0, world_size=1):
     """One epoch of training, yielding (step, loss tensor, correct count, batch size) after each step.
 
     ``batch_transform(images, labels)`` lets attacks (poisoning) rewrite batches on the device;
     ``lr_for_step(step)`` sets the learning rate before each step. Losses stay on the device so the
     loop never waits for the GPU; callers synchronize only when they print. ``scaler`` (fp16 autocast)
-    persists across epochs when the caller passes one.
+    persists across epochs when the caller passes one. Under torchrun the model is DDP-wrapped by the
+    caller and ``rank``/``world_size`` pick this process's share of every global batch of ``batch_size``.
     """
     device = torch.device(device)   # callers may name it ("cpu")
     scaler = scaler or grad_scaler(device, amp)
     train_mode(model, freeze_bn)
     step = first_step
-    for images, labels in train_batches(split, batch_size, spec, gen, augmented):
+    for images, labels in train_batches(split, batch_size, spec, gen, augmented, rank=rank, world_size=world_size):
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)  # no-op on device
         if batch_transform is not None:
             images, labels = batch_transform(images, labels)
@@ -155,6 +158,7 @@ def train_steps(model, optimizer, split, spec, gen, batch_size, device, amp=Fals
         scaler.step(optimizer)
         scaler.update()
         step += 1
+        fail_if_asked(step)
         yield step, loss.detach(), (logits.argmax(1) == labels).sum(), len(labels)
 
 
