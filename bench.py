@@ -2,6 +2,7 @@
 
     python bench.py                    # GPU when present: ResNet-18, 3x32x32, batch 512
     python bench.py --device cpu       # CPU: resnet8 and small sizes, about a minute
+    torchrun --standalone --nproc_per_node 2 bench.py --device cpu --threads 1   # our loop, data parallel
 
 Both loops train the same architecture (identical initial weights) on the same in-memory images
 with the same batch size. Ours: uint8 images on the device, augmentation on the device, bf16
@@ -10,6 +11,8 @@ per-sample PIL transforms, fp32, NCHW (fragile/reference_loop.py). Steady-state 
 timed after warm-up steps, the GPU synchronized at both ends. Then: generating 100 triggers
 (time per generator step, and for a fixed number of steps) and verification latency (median of
 repeats, one trigger per query and all at once). Prints a table and writes JSON.
+Under torchrun only our loop is timed, in DistributedDataParallel: BATCH_SIZE is the global batch,
+split across the ranks, and images/s counts the whole job's images.
 """
 # ----------------------------------------------------------------------------- config
 DEVICE = "auto"            # auto | cpu | cuda | cuda:N
@@ -54,10 +57,10 @@ from fragile.cli import UserError, apply_overrides, run_main
 from fragile.data import DATASETS, balanced_subset, device_generator, get_spec, load_split, synthetic_split
 from fragile.devices import describe_device, resolve_device, seed_everything, set_fast_math
 from fragile.reference_loop import pytorch_default_backends, reference_loader, reference_sgd, reference_steps
-from fragile.training import make_sgd, prepare_model, train_steps
+from fragile.training import make_sgd, prepare_model, sgd_kernels, train_steps
 from fragile.triggers import generate_paper, make_key
 from fragile.verification import query_labels
-from fragile import versions
+from fragile import distributed as dist, versions
 from models import ARCHS, build_classifier
 
 GPU_CPU_DEFAULTS = {"ARCH": ("resnet18", "resnet8"), "NUM_IMAGES": (50000, 2048), "BATCH_SIZE": (512, 32),
@@ -115,24 +118,28 @@ def time_steps(steps, warmup, measure, device):
 
 
 def our_steps(model, optimizer, split, spec, cfg, device):
-    """Endless steps of fragile.training.train_steps (the loop train.py and eval.py run)."""
+    """Endless steps of fragile.training.train_steps (the loop train.py and eval.py run); under torchrun each
+    rank's share of the global batch, counted as the whole global batch (every rank steps together)."""
     gen = device_generator(device, cfg["SEED"])
     while True:
-        for _, _, _, n in train_steps(model, optimizer, split, spec, gen, cfg["BATCH_SIZE"], device, cfg["AMP"]):
-            yield n
+        for _, _, _, n in train_steps(model, optimizer, split, spec, gen, cfg["BATCH_SIZE"], device, cfg["AMP"],
+                                      rank=dist.rank(), world_size=dist.world_size()):
+            yield n * dist.world_size()
 
 
 def bench_ours(model, split, spec, cfg, device):
     set_fast_math(cfg["FAST_MATH"] and device.type == "cuda")
-    model = prepare_model(model, device, cfg["CHANNELS_LAST"])
-    optimizer = make_sgd(model, cfg["LR"], 0.9, 5e-4, fused=cfg["FUSED_OPTIMIZER"])
-    train_model = torch.compile(model) if cfg["COMPILE"] else model
+    model = prepare_model(model, device, cfg["CHANNELS_LAST"] and device.type == "cuda")
+    optimizer = make_sgd(model, cfg["LR"], 0.9, 5e-4, kernels=sgd_kernels(cfg["FUSED_OPTIMIZER"]))
+    train_model = dist.wrap(model, device)
+    train_model = torch.compile(train_model) if cfg["COMPILE"] else train_model
     result = time_steps(our_steps(train_model, optimizer, split.to(device), spec, cfg, device),
                         cfg["WARMUP_STEPS"], cfg["MEASURE_STEPS"], device)
     paths = {"amp": cfg["AMP"] and device.type == "cuda", "channels_last": cfg["CHANNELS_LAST"] and device.type == "cuda",
              "optimizer": ("fused" if device.type == "cuda" else "foreach") if cfg["FUSED_OPTIMIZER"] else "for-loop",
              "fast_math": cfg["FAST_MATH"] and device.type == "cuda", "compile": cfg["COMPILE"]}
-    return dict(result, pipeline="uint8 on device, on-device augmentation", speed_paths=paths), model
+    return dict(result, pipeline="uint8 on device, on-device augmentation", speed_paths=paths,
+                world_size=dist.world_size()), model
 
 
 def bench_reference(model, split, spec, cfg, device):
@@ -199,6 +206,24 @@ def table(r):
     return "\n".join(lines)
 
 
+def bench_data_parallel(cfg, device):
+    """Under torchrun: our loop alone, in DDP; rank 0 reports the job's images/s."""
+    spec, split = bench_data(cfg)
+    seed_everything(SEED)
+    ours, _ = bench_ours(build_classifier(cfg["ARCH"], spec), split, spec, cfg, device)
+    world = dist.world_size()
+    print(f"{cfg['ARCH']} on {world} x {describe_device(device)}, global batch {cfg['BATCH_SIZE']} "
+          f"({cfg['BATCH_SIZE'] // world} per rank), {cfg['WARMUP_STEPS']} warm-up + {cfg['MEASURE_STEPS']} timed steps: "
+          f"{ours['images_per_s']:.1f} images/s")
+    result = {"device": describe_device(device), "device_type": device.type, "arch": cfg["ARCH"],
+              "dataset": spec.name, "batch_size": cfg["BATCH_SIZE"], "world_size": world, "ours": ours,
+              "config": cfg, "versions": versions.collect(device), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    out = OUT or os.path.join("bench", f"bench_{cfg['ARCH']}_{device.type}_ddp{world}.json")
+    dist.on_main(atomic_write_json, result, out)
+    print(f"-> {out}")
+    dist.cleanup()
+
+
 def main():
     config = apply_overrides(globals(), __doc__, choices={"DATASET": list(DATASETS)})
     device = resolve_device(DEVICE)
@@ -207,6 +232,9 @@ def main():
     if THREADS:
         torch.set_num_threads(THREADS)
     cfg = resolve_auto(dict(config), device)
+    device = dist.setup("auto", device, [("batch-size", cfg["BATCH_SIZE"])])
+    if dist.launched():
+        return bench_data_parallel(cfg, device)
     out = OUT or os.path.join("bench", f"bench_{cfg['ARCH']}_{device.type}.json")
     spec, split = bench_data(cfg)
     seed_everything(SEED)

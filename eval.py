@@ -2,6 +2,7 @@
 
     python eval.py --dataset fashion-mnist --arch resnet8 --attack finetune --epochs 2 --device cpu
     python eval.py --attack poison --seeds 0 1 2
+    torchrun --standalone --nproc_per_node 4 eval.py --attack finetune   # data-parallel fine-tuning
 
 The watermarked checkpoint is never modified: every attack works on a copy.
 """
@@ -17,16 +18,19 @@ SEEDS = [0]
 DATA_DIR = "data"
 TRAIN_SUBSET = 0           # >0: fine-tune on this many samples, class-balanced
 TEST_SUBSET = 0            # >0: measure clean accuracy / ASR on this many test images
-DEVICE = "auto"
+DEVICE = "auto"            # under torchrun: each rank takes cuda:LOCAL_RANK
+BACKEND = "auto"           # torchrun only: auto (nccl on GPUs, gloo on CPU) | nccl | gloo
 # fine-tuning: the paper's settings
 EPOCHS = 40
 BATCH_SIZE = 256
 LR = 1e-3
 MOMENTUM = 0.9
 WEIGHT_DECAY = 1e-3
+DECAY_ALL = True           # weight decay on every parameter, batch norm included (the paper's plain SGD); off: not on norms/biases
 AUGMENT = True
 FREEZE_BN = False          # fine-tune with batch-norm statistics frozen (only the weights move)
-AMP = True                 # bf16 autocast for the fine-tuning steps on GPU (verification stays fp32)
+AMP = True                 # mixed precision for the fine-tuning steps on GPU: bf16, or fp16 + loss scaling (verification stays fp32)
+FAST_MATH = True           # TF32 and cuDNN autotuning for the fine-tuning steps on GPU (verification pins fp32 itself)
 FUSED_OPTIMIZER = True
 DATA_ON_DEVICE = True      # keep the fine-tuning data on the device (off: on the CPU, batches copied over)
 EARLY_STEPS = [1, 2, 5, 10, 20, 50, 100]   # extra measurements inside the first epoch
@@ -86,7 +90,7 @@ import time
 import torch
 
 from fragile.attack_registry import ATTACKS
-from fragile.attacks import EvalContext
+from fragile.attacks import ATTACKS as FINETUNE_ATTACKS, EvalContext
 from fragile.checkpoint_io import default_checkpoint_path, load_classifier, read_checkpoint, save_classifier
 from fragile.cli import UserError, apply_overrides, run_main
 from fragile.data import DATASETS, balanced_subset, get_spec, load_split
@@ -95,7 +99,7 @@ from fragile.envelope import ENVELOPE_ENTRIES
 from fragile.results import results_path, write_results
 from fragile.triggers import default_paths, load_key, load_triggers
 from fragile.verification import check_compatible
-from fragile import robust_watermark, versions
+from fragile import distributed as dist, robust_watermark, versions
 from models import ARCHS
 
 
@@ -113,9 +117,13 @@ def load_watermark(model_path, model_meta):
 
 def main():
     config = apply_overrides(globals(), __doc__, choices={"DATASET": list(DATASETS), "ARCH": list(ARCHS),
-                                                           "ATTACK": list(ATTACKS), "ENVELOPE": ENVELOPE_ENTRIES})
-    device = resolve_device(DEVICE)
-    set_fast_math(False)
+                                                           "ATTACK": list(ATTACKS), "ENVELOPE": ENVELOPE_ENTRIES,
+                                                           "BACKEND": list(dist.BACKENDS)})
+    device = dist.setup(BACKEND, resolve_device(DEVICE), [("batch-size", BATCH_SIZE)])
+    if dist.world_size() > 1 and ATTACK not in FINETUNE_ATTACKS:
+        raise UserError(f"--attack {ATTACK} does not run data parallel: under torchrun only "
+                        f"{' and '.join(FINETUNE_ATTACKS)} do; run it with plain python")
+    set_fast_math(FAST_MATH and device.type == "cuda")
     model_path = MODEL or default_checkpoint_path(ARCH, DATASET)
     model, model_meta = load_classifier(model_path, device)
     triggers, key, trigger_meta = load_watermark(model_path, model_meta)
@@ -142,7 +150,14 @@ def main():
                "method": trigger_meta.get("method", METHOD), "envelope": trigger_meta.get("envelope", ["exact"]),
                "weights_sha256": model_meta["weights_sha256"],
                "num_triggers": len(key), "config": config, "versions": versions.collect(device),
-               "device": describe_device(device), "wall_time_s": round(time.time() - started, 2), "runs": runs}
+               "device": describe_device(device), "world_size": dist.world_size(),
+               "wall_time_s": round(time.time() - started, 2), "runs": runs}
+    dist.on_main(write_outputs, results, out, tampered, model_meta)
+    dist.cleanup()
+
+
+def write_outputs(results, out, tampered, model_meta):
+    """Results JSON and CSV, and the tampered model when asked (rank 0 alone under torchrun)."""
     write_results(results, out)
     print(f"results -> {out} (+ .csv)")
     if SAVE_TAMPERED and tampered is not None:

@@ -1,9 +1,13 @@
 """Train the classifier that will be watermarked (ResNet-18 on CIFAR-10 by default).
 
-    python train.py                                   # the paper's setup, GPU when present
+    python train.py                                   # the paper's setup and recipe, GPU when present
+    python train.py --recipe fast                     # our faster recipe (one-cycle, label smoothing, nesterov)
     python train.py --dataset fashion-mnist --arch resnet8 --epochs 1 --train-subset 5000 --device cpu
+    torchrun --standalone --nproc_per_node 4 train.py  # data parallel: --batch-size is the global batch
 
-Every constant below can be overridden from the command line (--help lists them).
+Every constant below can be overridden from the command line (--help lists them). The constants marked
+(recipe) are the paper's; `--recipe fast` replaces them (fragile/training.recipe_settings), except those
+passed explicitly as flags.
 """
 # ----------------------------------------------------------------------------- config
 DATASET = "cifar10"          # cifar10 | cifar100 | fashion-mnist | mnist | synthetic
@@ -11,17 +15,22 @@ ARCH = "resnet18"            # resnet8 | resnet18 | resnet34 | resnet50
 DATA_DIR = "data"            # datasets are downloaded here (or found offline)
 TRAIN_SUBSET = 0             # >0: train on this many samples, class-balanced
 EPOCHS = 40
-BATCH_SIZE = 64               # small batches: more steps per epoch (pass 512 on a GPU for speed)
-LR = 0.1                     # peak learning rate (SGD, nesterov)
-SCHEDULE = "onecycle"        # onecycle (linear warm-up then cosine to 0) | constant
-WARMUP_EPOCHS = 1.0          # capped at 20% of the run
-MOMENTUM = 0.9
-WEIGHT_DECAY = 5e-4
-LABEL_SMOOTHING = 0.1
+RECIPE = "paper"             # paper: the constants below as they are | fast: ours (device-aware batch and lr)
+BATCH_SIZE = 128             # (recipe)
+LR = 0.1                     # (recipe) peak learning rate, SGD
+SCHEDULE = "cosine"          # (recipe) cosine (per epoch, no warm-up) | onecycle (warm-up, cosine per step) | constant
+WARMUP_EPOCHS = 0.0          # (recipe) onecycle's warm-up, capped at 20% of the run
+MOMENTUM = 0.9               # (recipe)
+NESTEROV = False             # (recipe)
+WEIGHT_DECAY = 5e-4          # (recipe)
+DECAY_ALL = True             # (recipe) weight decay on batch norm and biases too, as plain SGD(model.parameters()) does
+LABEL_SMOOTHING = 0.0        # (recipe) the paper: plain cross-entropy
 AUGMENT = True               # the dataset's train-time augmentation (on the device)
 SEED = 0
-DEVICE = "auto"              # auto | cpu | cuda | cuda:N
-AMP = True                   # bf16 autocast on GPU (ignored on CPU)
+DEVICE = "auto"              # auto | cpu | cuda | cuda:N (under torchrun: each rank takes cuda:LOCAL_RANK)
+BACKEND = "auto"             # torchrun only: auto (nccl on GPUs, gloo on CPU) | nccl | gloo
+SYNC_BN = False              # torchrun on GPUs: batch-norm statistics over the global batch (SyncBatchNorm), not per rank
+AMP = True                   # mixed precision on GPU: bf16 where native, else fp16 with loss scaling (CPU: fp32)
 FAST_MATH = True             # TF32 matmuls/convolutions and cuDNN autotuning on GPU
 DATA_ON_DEVICE = True        # keep the uint8 dataset on the training device (off: on the CPU, batches copied over)
 CHANNELS_LAST = True         # channels_last memory format on GPU
@@ -42,14 +51,15 @@ import time
 
 import torch
 
-from fragile.cli import UserError, apply_overrides, run_main
+from fragile.cli import UserError, apply_overrides, apply_preset, run_main
 from fragile.checkpoint_io import (check_writable, default_checkpoint_path, read_checkpoint, save_classifier,
                                    weights_sha256)
 from fragile.data import DATASETS, device_generator, load_dataset
 from fragile.devices import describe_device, resolve_device, seed_everything, set_fast_math
 from fragile.progress import progress_bar
-from fragile.training import accuracy, lr_at, make_sgd, prepare_model, train_steps
-from fragile import robust_watermark, versions
+from fragile.training import (RECIPES, SCHEDULES, accuracy, grad_scaler, lr_at, make_sgd, prepare_model,
+                              recipe_settings, sgd_kernels, train_steps)
+from fragile import distributed as dist, robust_watermark, versions
 from models import ARCHS, build_classifier
 
 
@@ -62,23 +72,57 @@ def log_path(out):
 
 
 def capture_rng(gen):
-    return {"torch": torch.get_rng_state(), "device_gen": gen.get_state(),
+    return {"torch": torch.get_rng_state(), "device_gen": gen.get_state(), "device_gen_type": gen.device.type,
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
-def restore_rng(state, gen):
+def restore_rng(state, gen, reseed):
+    """The saved random state, where it fits. The data-order generator's state only fits a generator on the
+    device it was saved from: resumed on another one (another machine, --no-data-on-device), the data order
+    is reseeded instead, and the run says so."""
     torch.set_rng_state(state["torch"])
-    gen.set_state(state["device_gen"])
-    if state["cuda"] and torch.cuda.is_available():
+    saved_on = state.get("device_gen_type")
+    if saved_on == gen.device.type:
+        gen.set_state(state["device_gen"])
+    else:
+        gen.manual_seed(reseed)
+        print(f"note: the data order was saved on {saved_on or 'another device'} and this run draws it on "
+              f"{gen.device.type}: reseeded, so batches differ from an uninterrupted run")
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def read_resume(out):
+    """The interrupted run's checkpoint, refused when it is for another model or dataset."""
+    if not os.path.exists(resume_path(out)):
+        raise UserError(f"--resume: no interrupted run to continue at {resume_path(out)}")
+    payload = read_checkpoint(resume_path(out))
+    if payload["meta"].get("arch") != ARCH or payload["meta"].get("dataset") != DATASET:
+        raise UserError(f"--resume: {resume_path(out)} is for {payload['meta'].get('arch')} on "
+                        f"{payload['meta'].get('dataset')}, not {ARCH} on {DATASET}")
+    return payload
+
+
+def epoch_totals(loss_sum, correct, seen):
+    """An epoch's loss sum, correct count and images seen, summed over the ranks under torchrun."""
+    seen = torch.tensor(seen, device=loss_sum.device)
+    dist.sum_across(loss_sum, correct, seen)
+    return loss_sum, correct, int(seen)
 
 
 def main():
     config = apply_overrides(globals(), __doc__, choices={"DATASET": list(DATASETS), "ARCH": list(ARCHS),
-                                                           "SCHEDULE": ["onecycle", "constant"]})
+                                                           "SCHEDULE": list(SCHEDULES), "RECIPE": list(RECIPES),
+                                                           "BACKEND": list(dist.BACKENDS)})
     out = OUT or default_checkpoint_path(ARCH, DATASET)
-    check_writable(out)
     device = resolve_device(DEVICE)
+    if RECIPE != "paper":
+        config = apply_preset(globals(), config, recipe_settings(RECIPE, device))
+    device = dist.setup(BACKEND, device, [("batch-size", BATCH_SIZE)])
+    if dist.is_main():  # only rank 0 writes
+        check_writable(out)
+    if SYNC_BN and device.type != "cuda":
+        raise UserError("--sync-bn needs GPUs: torch's SyncBatchNorm does not run on the CPU")
     set_fast_math(FAST_MATH and device.type == "cuda")
     seed_everything(SEED)
     spec, train, test = load_dataset(DATASET, DATA_DIR, device if DATA_ON_DEVICE else "cpu", TRAIN_SUBSET, SEED)
@@ -86,76 +130,94 @@ def main():
 
     model = build_classifier(ARCH, spec)
     backdoor = robust_watermark.make_trigger_set(spec, BACKDOOR_TRIGGERS, SEED) if BACKDOOR_WATERMARK else None
-    model = prepare_model(model, device, CHANNELS_LAST)
-    optimizer = make_sgd(model, LR, MOMENTUM, WEIGHT_DECAY, nesterov=True, fused=FUSED_OPTIMIZER)
-    train_model = torch.compile(model) if COMPILE else model
+    model = prepare_model(model, device, CHANNELS_LAST and device.type == "cuda")
+    if SYNC_BN and dist.world_size() > 1:   # same parameters and buffers: checkpoints load into the plain model
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    optimizer = make_sgd(model, LR, MOMENTUM, WEIGHT_DECAY, nesterov=NESTEROV, kernels=sgd_kernels(FUSED_OPTIMIZER),
+                         decay_all=DECAY_ALL)
+    scaler = grad_scaler(device, AMP)
+    train_model = dist.wrap(model, device)  # DDP under torchrun; measurements use the plain module
+    train_model = torch.compile(train_model) if COMPILE else train_model
     gen = device_generator(train.images.device, SEED)
     steps_per_epoch = -(-len(train) // BATCH_SIZE)
     total_steps = EPOCHS * steps_per_epoch
     warmup = int(min(WARMUP_EPOCHS, 0.2 * EPOCHS) * steps_per_epoch)  # short runs still decay
-    start_epoch, elapsed = 0, 0.0
+    start_epoch, elapsed, test_acc = 0, 0.0, None
 
     if RESUME:
-        if not os.path.exists(resume_path(out)):
-            raise UserError(f"--resume: no interrupted run to continue at {resume_path(out)}")
-        payload = read_checkpoint(resume_path(out))
-        if payload["meta"].get("arch") != ARCH or payload["meta"].get("dataset") != DATASET:
-            raise UserError(f"--resume: {resume_path(out)} is for {payload['meta'].get('arch')} on "
-                            f"{payload['meta'].get('dataset')}, not {ARCH} on {DATASET}")
+        payload = dist.broadcast_from_main(read_resume(out) if dist.is_main() else None)  # rank 0's file
         model.load_state_dict(payload["state_dict"])
         optimizer.load_state_dict(payload["train_state"]["optimizer"])
-        restore_rng(payload["train_state"]["rng"], gen)
         start_epoch, elapsed = payload["train_state"]["epoch"], payload["train_state"]["elapsed"]
+        restore_rng(payload["train_state"]["rng"], gen, reseed=SEED + start_epoch)
+        if payload["train_state"].get("scaler"):  # empty when saved without fp16 loss scaling
+            scaler.load_state_dict(payload["train_state"]["scaler"])
+        test_acc = payload["meta"].get("test_accuracy")  # a run stopped after its last epoch saves this one
         print(f"resuming {resume_path(out)} after epoch {start_epoch}")
-    elif os.path.exists(log_path(out)):
+    elif os.path.exists(log_path(out)) and dist.is_main():
         os.remove(log_path(out))  # a fresh run starts a fresh log
 
     def meta(epoch, test_acc):
         return dict(arch=ARCH, dataset=DATASET, num_classes=spec.num_classes, input_shape=list(spec.shape),
                     test_accuracy=test_acc, epochs=epoch, seed=SEED, train_subset=TRAIN_SUBSET,
-                    config=config, **versions.collect(device),
+                    config=config, world_size=dist.world_size(), **versions.collect(device),
                     backdoor_watermark=robust_watermark.describe(backdoor))
 
     batch_transform = robust_watermark.mixer(backdoor, device) if backdoor else None
-    test_acc = 0.0
     for epoch in range(start_epoch, EPOCHS):
         t0 = time.time()
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
         seen = 0
         steps = train_steps(train_model, optimizer, train, spec, gen, BATCH_SIZE, device, AMP, LABEL_SMOOTHING, AUGMENT,
-                            batch_transform=batch_transform, first_step=epoch * steps_per_epoch,
-                            lr_for_step=lambda s: lr_at(s, total_steps, LR, warmup, SCHEDULE))
-        bar = progress_bar(steps, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{EPOCHS}", enabled=PROGRESS)
+                            batch_transform=batch_transform, first_step=epoch * steps_per_epoch, scaler=scaler,
+                            lr_for_step=lambda s: lr_at(s, total_steps, LR, warmup, SCHEDULE, steps_per_epoch),
+                            rank=dist.rank(), world_size=dist.world_size())
+        bar = progress_bar(steps, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{EPOCHS}",
+                           enabled=PROGRESS and dist.is_main())
         for step, loss, n_correct, n in bar:
             loss_sum += loss * n
             correct += n_correct
             seen += n
             if step % 20 == 0 or step % steps_per_epoch == 0:
                 bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{correct.item() / seen:.3f}")
+        loss_sum, correct, seen = epoch_totals(loss_sum, correct, seen)
         train_loss = (loss_sum / seen).item()
         if not math.isfinite(train_loss):
             kept = resume_path(out) if epoch > start_epoch or RESUME else "none (first epoch)"
             raise UserError(f"loss became {train_loss} in epoch {epoch + 1}; stopped. Last good checkpoint: {kept}")
-        test_acc = accuracy(model, test, EVAL_BATCH_SIZE)
-        elapsed += time.time() - t0
-        record = dict(epoch=epoch + 1, train_loss=train_loss, train_accuracy=correct.item() / seen,
-                      test_accuracy=test_acc, seconds=round(elapsed, 2), lr=optimizer.param_groups[0]["lr"])
-        if backdoor:
-            record["backdoor_accuracy"] = robust_watermark.trigger_accuracy(model, backdoor)
-        with open(log_path(out), "a") as f:
-            f.write(json.dumps(record) + "\n")
-        print(json.dumps(record))
-        save_classifier(resume_path(out), model, meta(epoch + 1, test_acc),
-                        train_state={"optimizer": optimizer.state_dict(), "rng": capture_rng(gen),
-                                     "epoch": epoch + 1, "elapsed": elapsed},
-                        backdoor=robust_watermark.to_payload(backdoor))
 
-    final = save_classifier(out, model, meta(EPOCHS, test_acc), backdoor=robust_watermark.to_payload(backdoor))
-    if os.path.exists(resume_path(out)):
-        os.remove(resume_path(out))
-    print(f"test accuracy {test_acc:.4f}  wall time {elapsed:.1f}s  weights sha256 {final['weights_sha256'][:16]}…  -> {out}")
+        def end_of_epoch():
+            """Measure, log and save the resume file (rank 0; the others wait)."""
+            test_acc = accuracy(model, test, EVAL_BATCH_SIZE)
+            seconds = elapsed + time.time() - t0
+            record = dict(epoch=epoch + 1, train_loss=train_loss, train_accuracy=correct.item() / seen,
+                          test_accuracy=test_acc, seconds=round(seconds, 2), lr=optimizer.param_groups[0]["lr"])
+            if backdoor:
+                record["backdoor_accuracy"] = robust_watermark.trigger_accuracy(model, backdoor)
+            with open(log_path(out), "a") as f:
+                f.write(json.dumps(record) + "\n")
+            print(json.dumps(record))
+            save_classifier(resume_path(out), model, meta(epoch + 1, test_acc),
+                            train_state={"optimizer": optimizer.state_dict(), "rng": capture_rng(gen),
+                                         "scaler": scaler.state_dict(),
+                                         "epoch": epoch + 1, "elapsed": seconds},
+                            backdoor=robust_watermark.to_payload(backdoor))
+            return test_acc, seconds
+        test_acc, elapsed = dist.on_main(end_of_epoch) or (None, elapsed + time.time() - t0)
+
+    def finish(test_acc):
+        if test_acc is None:  # nothing trained and nothing recorded (an old resume file): measure it
+            test_acc = accuracy(model, test, EVAL_BATCH_SIZE)
+        final = save_classifier(out, model, meta(EPOCHS, test_acc), backdoor=robust_watermark.to_payload(backdoor))
+        if os.path.exists(resume_path(out)):
+            os.remove(resume_path(out))
+        print(f"test accuracy {test_acc:.4f}  wall time {elapsed:.1f}s  weights sha256 "
+              f"{final['weights_sha256'][:16]}…  -> {out}")
+    dist.on_main(finish, test_acc)
+    dist.cleanup()
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main, interrupted="interrupted; rerun with the same flags and --resume to continue after the last "
+                               "finished epoch (saved in <out>.resume.pt)")

@@ -10,8 +10,10 @@ from dataclasses import dataclass, field
 import torch
 
 from .data import Split, to_float
+from . import distributed as dist
 from .devices import seed_everything
-from .training import accuracy, make_sgd, predict_logits, train_mode, train_steps
+from .progress import progress_bar
+from .training import accuracy, grad_scaler, make_sgd, predict_logits, sgd_kernels, train_mode, train_steps
 from .verification import queries_until_mismatch, query_labels
 
 EARLY_STEPS_DEFAULT = (1, 2, 5, 10, 20, 50, 100)
@@ -68,11 +70,14 @@ def attack_success_rate(model, ctx):
     return (preds == cfg["POISON_TARGET"]).float().mean().item()
 
 
-def poison_transform(cfg, gen):
+def poison_transform(cfg, gen, rank=0, world_size=1):
     """Stamp the patch on a fraction of every batch (after augmentation, so the patch stays put) and
-    relabel those samples to the target class: BadNets poisoning mixed into clean data."""
+    relabel those samples to the target class: BadNets poisoning mixed into clean data. Data parallel,
+    every rank draws for the whole global batch and keeps its slice, as the batches themselves are drawn."""
     def transform(images, labels):
-        chosen = torch.rand(len(labels), device=labels.device, generator=gen) < cfg["POISON_FRACTION"]
+        n = len(labels)
+        drawn = torch.rand(n * world_size, device=labels.device, generator=gen)
+        chosen = drawn[rank * n:(rank + 1) * n] < cfg["POISON_FRACTION"]
         patched = stamp_patch(images, cfg["PATCH_SIZE"], cfg["PATCH_POSITION"], cfg["PATCH_VALUE"])
         images = torch.where(chosen[:, None, None, None], patched, images)
         return images, torch.where(chosen, torch.full_like(labels, cfg["POISON_TARGET"]), labels)
@@ -104,7 +109,9 @@ def fine_tune(model, ctx, seed, epochs, poisoned=False, extra_metrics=(), phase=
     """SGD fine-tuning with the paper's settings, recording the watermark step by step.
 
     Records: before any step, after each of the early steps inside the first epoch, after every epoch.
-    Verification runs after every step until the first detection, so its step is exact.
+    Verification runs after every step until the first detection, so its step is exact. Under torchrun
+    the steps are data parallel (DDP) and every measurement runs on rank 0 while the others wait; the
+    records and first detection are rank 0's (None on the other ranks).
     """
     cfg = ctx.config
     seed_everything(seed)
@@ -113,35 +120,54 @@ def fine_tune(model, ctx, seed, epochs, poisoned=False, extra_metrics=(), phase=
     gen.manual_seed(seed)
     poison_gen = torch.Generator(device=ctx.device)   # picks poisoned samples where the batch lives
     poison_gen.manual_seed(seed + 1)
-    optimizer = make_sgd(model, cfg["LR"], cfg["MOMENTUM"], cfg["WEIGHT_DECAY"], fused=cfg["FUSED_OPTIMIZER"])
+    optimizer = make_sgd(model, cfg["LR"], cfg["MOMENTUM"], cfg["WEIGHT_DECAY"], kernels=sgd_kernels(cfg["FUSED_OPTIMIZER"]),
+                         decay_all=cfg.get("DECAY_ALL", True))
+    scaler = grad_scaler(ctx.device, cfg["AMP"])   # fp16 autocast only: its loss scale carries across epochs
     if cfg.get("CHANNELS_LAST") and ctx.device.type == "cuda":
         model.to(memory_format=torch.channels_last)
-    train_model = torch.compile(model) if cfg.get("COMPILE") else model  # measurements use the plain module
-    transform = poison_transform(cfg, poison_gen) if poisoned else None
+    train_model = dist.wrap(model, ctx.device)   # DDP under torchrun; measurements use the plain module
+    train_model = torch.compile(train_model) if cfg.get("COMPILE") else train_model
+    transform = poison_transform(cfg, poison_gen, dist.rank(), dist.world_size()) if poisoned else None
     steps_per_epoch = -(-len(data) // cfg["BATCH_SIZE"])
     early = set(cfg["EARLY_STEPS"])
-    records = [dict(measure(model, ctx, step_offset, 0.0, poisoned, extra_metrics), phase=phase)]
-    first_detection = 0 if records[0]["detected"] else None
+
+    def record_at(step, epoch):
+        return dict(measure(model, ctx, step + step_offset, epoch, poisoned, extra_metrics), phase=phase)
+
+    records = [dist.on_main(record_at, 0, 0.0)]
+    first_detection = (0 if records[0]["detected"] else None) if dist.is_main() else None
+    # Until the first detection every step is verified: the other ranks learn whether it came (and so
+    # whether to wait for the next one) from rank 0.
+    undetected = first_detection is None
     step = 0
     for epoch in range(epochs):
-        for step, loss, _, _ in train_steps(train_model, optimizer, data, ctx.spec, gen, cfg["BATCH_SIZE"], ctx.device,
-                                            cfg["AMP"], augmented=cfg["AUGMENT"], batch_transform=transform,
-                                            first_step=step, freeze_bn=cfg.get("FREEZE_BN", False)):
-            if first_detection is None and watermark_state(model, ctx, cfg["MAX_MISMATCHES"])["detected"]:
+        steps = train_steps(train_model, optimizer, data, ctx.spec, gen, cfg["BATCH_SIZE"], ctx.device, cfg["AMP"],
+                            augmented=cfg["AUGMENT"], batch_transform=transform, first_step=step,
+                            freeze_bn=cfg.get("FREEZE_BN", False), scaler=scaler,
+                            rank=dist.rank(), world_size=dist.world_size())
+        bar_on = cfg.get("PROGRESS", False) and dist.is_main()
+        for step, loss, _, _ in progress_bar(steps, total=steps_per_epoch, desc=f"{phase} epoch {epoch + 1}/{epochs}",
+                                             enabled=bar_on):
+            if dist.any_across(undetected, ctx.device) and dist.on_main(watermark_detected, model, ctx):
                 first_detection = step + step_offset
+            undetected = dist.is_main() and first_detection is None
             if epoch == 0 and step in early and step < steps_per_epoch:
-                records.append(dict(measure(model, ctx, step + step_offset, step / steps_per_epoch, poisoned,
-                                            extra_metrics), phase=phase))
+                records.append(dist.on_main(record_at, step, step / steps_per_epoch))
             train_mode(model, cfg.get("FREEZE_BN", False))
-        if not torch.isfinite(loss):
+        if dist.any_across(not torch.isfinite(loss), ctx.device):
             ctx.log(f"loss became {loss.item()} at epoch {epoch + 1}: stopping this run")
             break
-        record = dict(measure(model, ctx, step + step_offset, float(epoch + 1), poisoned, extra_metrics), phase=phase)
+        record = dist.on_main(record_at, step, float(epoch + 1))
         records.append(record)
-        ctx.log(f"  {phase} epoch {epoch + 1}/{epochs}: match rate {record['match_rate']:.2f} "
-                f"({record['flipped']} flipped), clean acc {record['clean_accuracy']:.4f}"
-                + (f", ASR {record['attack_success_rate']:.3f}" if poisoned else ""))
-    return records, first_detection
+        if dist.is_main():
+            ctx.log(f"  {phase} epoch {epoch + 1}/{epochs}: match rate {record['match_rate']:.2f} "
+                    f"({record['flipped']} flipped), clean acc {record['clean_accuracy']:.4f}"
+                    + (f", ASR {record['attack_success_rate']:.3f}" if poisoned else ""))
+    return (records if dist.is_main() else []), first_detection
+
+
+def watermark_detected(model, ctx):
+    return watermark_state(model, ctx, ctx.config["MAX_MISMATCHES"])["detected"]
 
 
 def run_finetune(ctx, seed, poisoned=False):

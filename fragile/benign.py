@@ -21,7 +21,7 @@ import torch
 
 from .checkpoint_io import load_classifier, save_classifier
 from .cli import UserError
-from .devices import set_fast_math
+from .devices import tf32
 from .envelope import DEFAULT_ENVELOPE, PRECISIONS, CastModel, resolve_envelope
 from .training import predict_logits
 from .verification import query_labels
@@ -46,19 +46,9 @@ def torch_threads(n):
         torch.set_num_threads(before)
 
 
-@contextlib.contextmanager
-def fast_math(enabled):
-    """TF32 on or off for a block, always ending with the exact fp32 the verifier uses."""
-    set_fast_math(enabled)
-    try:
-        yield
-    finally:
-        set_fast_math(False)
-
-
 def reference_logits(model, images):
     """The logits every setting is compared with: all images at once, fp32, no TF32, default threads."""
-    with fast_math(False):
+    with tf32(False):
         return predict_logits(model, images, max(1, len(images))).cpu()
 
 
@@ -107,7 +97,7 @@ def benign_settings(model, images, batch_sizes=DEFAULT_BATCH_SIZES, model_meta=N
 
 
 def _logits(model, images, batch_size):
-    with fast_math(False):
+    with tf32(False):
         return predict_logits(model, images, batch_size).cpu()
 
 
@@ -137,7 +127,7 @@ def _cross_device_settings(model, images, n):
                 ("gpu channels_last", "protocol", "cuda", lambda: _logits(channels_last_copy(gpu_model), images.cuda(), n))]
 
     def tf32_logits():
-        with fast_math(True):
+        with tf32(True):
             return predict_logits(gpu_model, images.cuda(), n).cpu()
     settings.append(("gpu tf32 (raw, never used by the verifier)", "raw-tf32", "cuda", tf32_logits))
     return settings
@@ -212,7 +202,7 @@ def benign_records(model, triggers, key, batch_sizes=DEFAULT_BATCH_SIZES, model_
     for name, kind, entry, thunk in benign_settings(model, triggers, batch_sizes, model_meta, alternatives, envelope):
         records.append(_record(name, kind, entry, thunk(), reference, key, max_mismatches))
     if "cuda" in resolve_envelope(envelope):  # the verifier itself, asked to verify while the deployer left TF32 on
-        with fast_math(True):
+        with tf32(True):
             labels = query_labels(model, triggers)
         records.append(_label_record("verifier with TF32 requested", labels, key, max_mismatches))
     return records

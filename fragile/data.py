@@ -164,42 +164,59 @@ def to_float(images):
     return images.float().div_(255)
 
 
-def random_crop(images, padding, gen):
-    """Per-sample random crops of a whole batch at once: pad, then gather shifted windows."""
+def random_crop(images, padding, gen, draw=None):
+    """Per-sample random crops of a whole batch at once: pad, then gather shifted windows. ``draw`` (drawn,
+    kept): draw offsets for ``drawn`` samples and use the ``kept`` slice of them (a rank's share of a batch)."""
     n, _, h, w = images.shape
+    drawn, kept = draw or (n, slice(None))
     padded = F.pad(images, (padding,) * 4)
-    dy = torch.randint(0, 2 * padding + 1, (n,), device=images.device, generator=gen)
-    dx = torch.randint(0, 2 * padding + 1, (n,), device=images.device, generator=gen)
+    dy = torch.randint(0, 2 * padding + 1, (drawn,), device=images.device, generator=gen)[kept]
+    dx = torch.randint(0, 2 * padding + 1, (drawn,), device=images.device, generator=gen)[kept]
     rows = (dy[:, None] + torch.arange(h, device=images.device))[:, :, None]
     cols = (dx[:, None] + torch.arange(w, device=images.device))[:, None, :]
     batch = torch.arange(n, device=images.device)[:, None, None]
     return padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2).contiguous()
 
 
-def random_flip(images, gen):
-    flip = torch.rand(len(images), device=images.device, generator=gen) < 0.5
+def random_flip(images, gen, draw=None):
+    drawn, kept = draw or (len(images), slice(None))
+    flip = (torch.rand(drawn, device=images.device, generator=gen) < 0.5)[kept]
     return torch.where(flip[:, None, None, None], images.flip(3), images)
 
 
-def augment(images, spec, gen):
+def augment(images, spec, gen, draw=None):
     """The dataset's train-time augmentation, on the device, per sample, one batch at a time."""
     if spec.crop_padding:
-        images = random_crop(images, spec.crop_padding, gen)
+        images = random_crop(images, spec.crop_padding, gen, draw)
     if spec.horizontal_flip:
-        images = random_flip(images, gen)
+        images = random_flip(images, gen, draw)
     return images
 
 
-def train_batches(split, batch_size, spec, gen, augmented=True, drop_last=False):
-    """Shuffled (float images in [0,1], labels) batches; augmentation on the device."""
+def shard(n, rank, world_size):
+    """Rank ``rank``'s contiguous slice of a batch of ``n``: equal parts (n / world_size) for a full batch."""
+    return slice(n * rank // world_size, n * (rank + 1) // world_size)
+
+
+def train_batches(split, batch_size, spec, gen, augmented=True, drop_last=False, rank=0, world_size=1):
+    """Shuffled (float images in [0,1], labels) batches; augmentation on the device.
+
+    Data parallel (``world_size`` > 1): every rank draws the same permutation and the same augmentation
+    numbers for the whole global batch of ``batch_size`` from the same seeded generator, then keeps its
+    slice. So the global batches are those of a single process with the same seed, for any world size,
+    and the generator stays in step on every rank. A last batch too small to give every rank an image
+    is dropped (a rank cannot step on none)."""
     order = torch.randperm(len(split), device=split.images.device, generator=gen)
     stop = len(order) - (len(order) % batch_size if drop_last else 0)
     for start in range(0, stop, batch_size):
         index = order[start:start + batch_size]
-        images = split.images[index]
+        if len(index) < world_size:
+            break
+        kept = shard(len(index), rank, world_size)
+        images = split.images[index[kept]]
         if augmented:
-            images = augment(images, spec, gen)
-        yield to_float(images), split.labels[index]
+            images = augment(images, spec, gen, (len(index), kept))
+        yield to_float(images), split.labels[index[kept]]
 
 
 def device_generator(device, seed):

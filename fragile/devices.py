@@ -1,4 +1,5 @@
 """Device choice and the speed switches (TF32, cuDNN autotuning) that depend on it."""
+import contextlib
 import os
 import random
 
@@ -34,7 +35,20 @@ def seed_everything(seed):
 
 
 def set_fast_math(enabled):
-    """TF32 matmuls/convolutions and cuDNN autotuning: fast, but not bit-exact, so verification turns them off."""
+    """TF32 matmuls/convolutions and cuDNN autotuning for a whole run (a script's FAST_MATH switch)."""
     torch.backends.cuda.matmul.allow_tf32 = enabled
     torch.backends.cudnn.allow_tf32 = enabled
     torch.backends.cudnn.benchmark = enabled
+
+
+@contextlib.contextmanager
+def tf32(enabled):
+    """TF32 on or off for a block, then the flags as they were. Verification runs in ``tf32(False)``: TF32
+    rounds fp32 inputs to 10 mantissa bits, enough to move a trigger sitting near a boundary. cuDNN
+    autotuning is left alone, so fine-tuning steps between measurements keep their tuned kernels."""
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before

@@ -71,3 +71,43 @@ def read_results(path):
     except ValueError as e:
         raise UserError(f"results file {path} is not valid JSON: {e}") from None
     return validate(results, path)
+
+
+RUN_PLACEMENT = ("SEEDS", "RESULTS_DIR", "PROGRESS", "BACKEND")   # settings that may differ between merged parts
+
+
+def merge_results(paths, out):
+    """One results file holding the runs of several files of the same experiment (one seed each, run
+    separately so that an interrupted reproduction resumes per seed). Their settings must agree apart
+    from the seeds and where they were written; the wall time is the sum."""
+    parts = [read_results(p) for p in paths]
+    if not parts:
+        raise UserError("nothing to merge")
+    first = parts[0]
+    for path, part in zip(paths[1:], parts[1:]):
+        for key in ("attack", "arch", "dataset", "method", "weights_sha256"):
+            if part.get(key) != first.get(key):
+                raise UserError(f"cannot merge {path}: its {key} {part.get(key)!r} differs from {first.get(key)!r}")
+        a, b = ({k: v for k, v in p["config"].items() if k not in RUN_PLACEMENT} for p in (first, part))
+        if a != b:
+            changed = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+            raise UserError(f"cannot merge {path}: its settings differ ({', '.join(changed)})")
+    runs = sorted((run for part in parts for run in part["runs"]), key=lambda run: run["seed"])
+    merged = {k: v for k, v in first.items() if k != "schema"}
+    merged.update(runs=runs, wall_time_s=round(sum(p["wall_time_s"] for p in parts), 2),
+                  config={**first["config"], "SEEDS": [run["seed"] for run in runs]})
+    write_results(merged, out)
+    return merged
+
+
+if __name__ == "__main__":  # python -m fragile.results merge OUT.json IN.json [IN.json ...]
+    import sys
+    from .cli import run_main
+
+    def _merge_command():
+        if len(sys.argv) < 4 or sys.argv[1] != "merge":
+            raise UserError("usage: python -m fragile.results merge OUT.json IN.json [IN.json ...]")
+        merge_results(sys.argv[3:], sys.argv[2])
+        print(f"merged {len(sys.argv) - 3} files -> {sys.argv[2]}")
+
+    run_main(_merge_command)

@@ -18,7 +18,7 @@ import torch
 from .cli import UserError
 from .data import balanced_subset
 from .devices import seed_everything
-from .training import make_sgd, train_steps
+from .training import make_sgd, sgd_kernels, train_steps
 
 SURROGATE_SEED = 424_242   # far from the small seeds eval.py's attacks use
 
@@ -42,7 +42,8 @@ def fine_tuned_surrogates(model, train, spec, settings, device, log=print):
         seed_everything(seed)
         gen = torch.Generator(device=data.images.device).manual_seed(seed)
         optimizer = make_sgd(surrogate, settings["lr"], settings["momentum"], settings["weight_decay"],
-                             fused=device.type == "cuda")
+                             kernels=sgd_kernels(device.type == "cuda"),
+                             decay_all=False)  # the recipe they were measured with
         freeze_bn = bool(settings.get("mix_bn")) and i % 2 == 1
         step = 0
         while step < settings["steps"]:  # whole epochs until the step budget is spent

@@ -326,8 +326,9 @@ def run_quantize(ctx, seed):
 # ----------------------------------------------------------------------------- obfuscation (NNSplitter-style)
 
 def cycling_batches(ctx, seed):
-    """Clean, unaugmented training batches, reshuffled each pass, forever."""
-    gen = torch.Generator(device=ctx.device)
+    """Clean, unaugmented training batches, reshuffled each pass, forever. The shuffle is drawn where the
+    data lives (the CPU under --no-data-on-device), as train_batches requires."""
+    gen = torch.Generator(device=ctx.train.images.device)
     gen.manual_seed(seed)
     while True:
         yield from train_batches(ctx.train, ctx.config["OBFUSCATE_BATCH_SIZE"], ctx.spec, gen, augmented=False)

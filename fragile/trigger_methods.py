@@ -134,7 +134,8 @@ def benign_delta(model, images, config, device, log=print):
 def _paper(model, spec, key, config, device, test, train=None):
     cfg = {"latent_seed": config["LATENT_SEED"], "latent_dim": config["LATENT_DIM"],
            "gen_channels": config["GEN_CHANNELS"], "lr": config["LR"], "beta1": config["BETA1"],
-           "beta2": config["BETA2"], "max_steps": config["MAX_STEPS"], "lam": config["LAMBDA"]}
+           "beta2": config["BETA2"], "max_steps": config["MAX_STEPS"], "lam": config["LAMBDA"],
+           "progress": config.get("PROGRESS", False)}
     return generate_paper(model, spec, key, cfg, device)
 
 

@@ -4,7 +4,7 @@ import math
 import torch
 
 from .cli import UserError
-from .devices import set_fast_math
+from .devices import tf32
 from .training import predict_logits
 
 
@@ -23,8 +23,8 @@ def check_compatible(triggers, key, input_shape, num_classes):
 def query_labels(model, triggers, batch_size=None):
     """The deployed model's top-1 labels for uint8 triggers, in exact fp32 (no TF32: the decision must not
     depend on fast-math settings). ``batch_size=None`` queries all triggers at once."""
-    set_fast_math(False)
-    logits = predict_logits(model, triggers, batch_size or len(triggers))
+    with tf32(False):
+        logits = predict_logits(model, triggers, batch_size or len(triggers))
     return logits.argmax(1).cpu()
 
 

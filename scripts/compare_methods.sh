@@ -9,7 +9,8 @@
 # comparison attacks and the benign matrix on them. Finally fragile.comparison.render_comparison (what
 # plot.py --compare calls) writes comparison.md / .csv / .png into RESULTS_DIR.
 # Environment: PYTHON (default .venv/bin/python), DEVICE (default cpu), NUM_TRIGGERS (100), KEY_SEED (0),
-# METHODS (default "paper random natural ftg margin"), REGENERATE=1 to remake existing trigger sets.
+# METHODS (default "paper random natural ftg margin"), REGENERATE=1 to remake existing trigger sets,
+# GENERATOR_RECIPE (default fast, the generator the documented comparison used; paper for the paper's own).
 set -euo pipefail
 
 if [ $# -lt 2 ]; then
@@ -37,7 +38,7 @@ for method in $METHODS; do
     if [ -n "${REGENERATE:-}" ] || [ ! -f "${STEM}_triggers_${method}/triggers.pt" ]; then
         echo "== generate: $method"
         "$PYTHON" generate_samples.py --model "$MODEL" --method "$method" --num-triggers "$NUM_TRIGGERS" \
-            --key-seed "$KEY_SEED" --device "$DEVICE" --no-progress
+            --key-seed "$KEY_SEED" --device "$DEVICE" --recipe "${GENERATOR_RECIPE:-fast}" --no-progress
     fi
     echo "== compare: $method"
     "$PYTHON" eval.py --model "$MODEL" --method "$method" --attack compare --device "$DEVICE" \

@@ -40,10 +40,10 @@ step() {  # step NAME COMMAND...: run it, print how long it took
 mkdir -p "$OUT"
 if [ ! -f "$MODEL" ]; then
     step train "$PYTHON" train.py --dataset fashion-mnist --arch resnet8 --epochs 3 --train-subset 20000 \
-        --backdoor-watermark --device cpu --data-dir "$DATA_DIR" --out "$MODEL" --no-progress
+        --recipe fast --backdoor-watermark --device cpu --data-dir "$DATA_DIR" --out "$MODEL" --no-progress
 fi
 if [ ! -d "$TRIGGERS" ]; then
-    step triggers "$PYTHON" generate_samples.py --model "$MODEL" --device cpu --data-dir "$DATA_DIR" --no-progress
+    step triggers "$PYTHON" generate_samples.py --model "$MODEL" --recipe fast --device cpu --data-dir "$DATA_DIR" --no-progress
 fi
 
 attack() {  # attack NAME [FLAGS...]

@@ -37,9 +37,9 @@ def watermarked(tmp_path_factory):
     """
     root = tmp_path_factory.mktemp("wm")
     model = root / "resnet8_synthetic.pt"
-    run_script("train.py", "--dataset", "synthetic", "--arch", "resnet8", "--epochs", "3", "--device", "cpu",
+    run_script("train.py", "--dataset", "synthetic", "--arch", "resnet8", "--epochs", "3", "--device", "cpu", "--recipe", "fast",
                "--out", model, "--no-progress")
-    run_script("generate_samples.py", "--model", model, "--num-triggers", 30, "--key-seed", 0, "--device", "cpu",
+    run_script("generate_samples.py", "--model", model, "--num-triggers", 30, "--key-seed", 0, "--device", "cpu", "--recipe", "fast",
                "--no-progress")
     triggers, key = root / "resnet8_synthetic_triggers_paper", root / "resnet8_synthetic_key_paper.json"
     return {"model": str(model), "triggers": str(triggers), "key": str(key), "root": root,

@@ -73,7 +73,7 @@ def test_freeze_bn_keeps_the_running_statistics_and_still_moves_the_weights():
         torch.manual_seed(0)
         model = build_classifier("resnet8", spec)
         before = {k: v.clone() for k, v in model.state_dict().items()}
-        optimizer = make_sgd(model, 1e-2, 0.9, 0.0, fused=False)
+        optimizer = make_sgd(model, 1e-2, 0.9, 0.0, kernels="for-loop")
         for _ in train_steps(model, optimizer, data, spec, torch.Generator().manual_seed(0), 32, "cpu",
                              freeze_bn=freeze_bn):
             pass

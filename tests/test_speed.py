@@ -15,7 +15,8 @@ from conftest import run_script
 from fragile.checkpoint_io import load_classifier
 from fragile.data import balanced_subset, device_generator, get_spec, load_split, synthetic_split, to_float
 from fragile.reference_loop import PILDataset
-from fragile.training import make_sgd, predict_logits, train_steps
+from fragile.devices import tf32
+from fragile.training import amp_dtype, grad_scaler, make_sgd, predict_logits, prepare_model, train_steps
 from fragile.triggers import load_triggers
 from fragile.verification import query_labels
 
@@ -44,7 +45,7 @@ def channels_last_labels(model, triggers):
 
 
 INFERENCE_PATHS = {
-    "autocast": lambda m, t: predict_logits(m, t, amp=True).argmax(1).cpu(),  # fragile.training.autocast: CPU = fp32
+    "autocast": lambda m, t: predict_logits(m, t, amp=True).argmax(1).cpu(),  # amp=True on the CPU: fp32
     "channels_last": channels_last_labels,
     "batch_1": lambda m, t: query_labels(m, t, batch_size=1),
     "batch_7": lambda m, t: query_labels(m, t, batch_size=7),
@@ -58,12 +59,11 @@ def test_inference_speed_path_gives_the_same_labels(wm, path):
     assert torch.equal(INFERENCE_PATHS[path](model, triggers), query_labels(model, triggers))
 
 
-def fine_tuned(model, spec, train, amp=False, fused=False, channels_last=False, steps=3, lr=0.01):
-    """A copy of ``model`` after ``steps`` SGD steps through fragile.training.train_steps (seeded)."""
-    model = copy.deepcopy(model)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = make_sgd(model, lr, 0.9, 5e-4, fused=fused)  # fused=True on CPU: foreach kernels
+def fine_tuned(model, spec, train, amp=False, kernels="for-loop", channels_last=False, steps=3, lr=0.01):
+    """A copy of ``model`` after ``steps`` SGD steps through fragile.training.train_steps (seeded), on the
+    CPU through the same code the GPU runs: prepare_model's channels_last, the optimizer kernels, autocast."""
+    model = prepare_model(copy.deepcopy(model), CPU, channels_last=channels_last)
+    optimizer = make_sgd(model, lr, 0.9, 5e-4, kernels=kernels)
     for step, *_ in train_steps(model, optimizer, train, spec, device_generator(CPU, 0), 32, CPU, amp=amp):
         if step == steps:
             break
@@ -76,15 +76,73 @@ def plain_fine_tuned(wm):
     return fine_tuned(model, spec, train)
 
 
-@pytest.mark.parametrize("path", [dict(amp=True), dict(fused=True), dict(channels_last=True),
-                                  dict(amp=True, fused=True, channels_last=True)],
-                         ids=["autocast", "foreach_optimizer", "channels_last", "all_together"])
+@pytest.mark.parametrize("path", [dict(amp=True), dict(kernels="foreach"), dict(kernels="fused"),
+                                  dict(channels_last=True), dict(amp=True, kernels="fused", channels_last=True)],
+                         ids=["autocast_auto_is_fp32_on_cpu", "foreach_optimizer", "fused_optimizer", "channels_last",
+                              "all_together"])
 def test_training_speed_path_gives_the_same_labels(wm, plain_fine_tuned, path):
     model, triggers, _, spec, train = wm
     plain, fast = plain_fine_tuned, fine_tuned(model, spec, train, **path)
     for (name, a), b in zip(plain.state_dict().items(), fast.state_dict().values()):
         assert torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-5), name
     assert torch.equal(query_labels(fast, triggers), query_labels(plain, triggers))
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_mixed_precision_training_runs_the_gpu_code_path_on_cpu(wm, plain_fine_tuned, dtype):
+    """bf16 autocast, and fp16 autocast with its GradScaler, run the same train_steps the GPU runs: the steps
+    are finite and land near the fp32 ones (reduced precision: close, not equal)."""
+    model, _, _, spec, train = wm
+    fast = fine_tuned(model, spec, train, amp=dtype)
+    moved = 0.0
+    for (name, a), b, start in zip(plain_fine_tuned.state_dict().items(), fast.state_dict().values(),
+                                   model.state_dict().values()):
+        assert torch.isfinite(b.float()).all(), name
+        if a.is_floating_point():
+            assert (b.float() - a.float()).abs().max() <= 0.05 * (a.float() - start.float()).abs().max() + 1e-2, name
+            moved += (b.float() - start.float()).abs().sum().item()
+    assert moved > 0
+
+
+def test_amp_dtype_prefers_native_bf16_then_fp16_with_loss_scaling(monkeypatch):
+    cuda = torch.device("cuda")   # a device name only: nothing runs on it
+    asked = []
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: asked.append(
+        including_emulation) or False)
+    assert amp_dtype(cuda, True) is torch.float16 and asked == [False]   # emulated bf16 does not count
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert amp_dtype(cuda, True) is torch.bfloat16
+    assert amp_dtype(cuda, False) is None and amp_dtype(CPU, True) is None   # the CPU trains in fp32
+    assert amp_dtype(CPU, "bf16") is torch.bfloat16 and amp_dtype(CPU, "fp16") is torch.float16
+    assert grad_scaler(CPU, "fp16").is_enabled() and not grad_scaler(CPU, "bf16").is_enabled()
+    assert not grad_scaler(CPU, True).is_enabled()
+
+
+def test_verification_pins_only_tf32_and_restores_the_flags(wm):
+    model, triggers, key, _, _ = wm
+    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True    # as eval.py sets it for fine-tuning on a GPU
+        with tf32(False):
+            assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+            assert torch.backends.cudnn.benchmark
+        assert torch.equal(query_labels(model, triggers), key)
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        assert torch.backends.cudnn.benchmark      # autotuning survives verification between fine-tuning steps
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = flags
+
+
+def test_obfuscation_batches_are_drawn_where_the_data_lives(wm):
+    """--no-data-on-device keeps the data on the CPU while the model is on the GPU: the shuffle generator must
+    be the data's (a CUDA generator cannot shuffle CPU data). ctx.device names CUDA; nothing runs there."""
+    from types import SimpleNamespace
+    from fragile.tamper_suite import cycling_batches
+    _, _, _, spec, train = wm
+    ctx = SimpleNamespace(device=torch.device("cuda"), train=train, spec=spec, config={"OBFUSCATE_BATCH_SIZE": 16})
+    images, labels = next(cycling_batches(ctx, 0))
+    assert images.shape[0] == 16 and images.device == train.images.device
 
 
 @pytest.mark.skipif(not (torch.cuda.is_available() or os.environ.get("FRAGILE_TEST_COMPILE")),

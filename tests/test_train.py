@@ -104,7 +104,7 @@ def test_resume_without_interrupted_run_is_one_clear_error(tmp_path):
     (["--arch", "vgg"], "invalid choice"),
     (["--out", "/proc/forbidden/x.pt"], "output folder"),
     (["--dataset", "cifar10", "--data-dir", "/nonexistent-offline"], "--data-dir"),
-    (["--lr", "1e12", "--epochs", "1", "--train-subset", "200"], "loss became"),
+    (["--lr", "1e12", "--epochs", "1", "--train-subset", "200", "--batch-size", "32"], "loss became"),
 ])
 def test_bad_input_is_one_line_and_nonzero_exit(tmp_path, args, message):
     base = ["--dataset", "synthetic", "--arch", "resnet8", "--device", "cpu", "--no-progress", "--out", tmp_path / "m.pt"]
@@ -116,12 +116,13 @@ def test_bad_input_is_one_line_and_nonzero_exit(tmp_path, args, message):
 
 @requires_fashion_mnist
 def test_fashion_mnist_resnet8_reaches_stated_accuracy(tmp_path):
+    """The README's quick start, with the paper's recipe (the default)."""
     out = tmp_path / "fm.pt"
-    proc = run_script("train.py", "--dataset", "fashion-mnist", "--arch", "resnet8", "--epochs", 1,
-                      "--train-subset", 5000, "--device", "cpu", "--no-progress", "--out", out,
+    proc = run_script("train.py", "--dataset", "fashion-mnist", "--arch", "resnet8", "--epochs", 3,
+                      "--train-subset", 20000, "--device", "cpu", "--no-progress", "--out", out,
                       "--data-dir", tmp_path / "data")
     meta = read_checkpoint(str(out))["meta"]
-    assert meta["test_accuracy"] > 0.70, proc.stdout
+    assert meta["config"]["RECIPE"] == "paper" and meta["test_accuracy"] > 0.80, proc.stdout
     model, _ = load_classifier(str(out))
     test = load_split(get_spec("fashion-mnist"), str(tmp_path / "data"), train=False)
     assert accuracy(model, test) == pytest.approx(meta["test_accuracy"], abs=1e-6)

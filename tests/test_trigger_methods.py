@@ -145,7 +145,7 @@ def fine_tuned_flip_fraction(model, watermarked, triggers, key, steps=16):
     data = balanced_subset(load_split(spec, "data", True), 1024, spec.num_classes)
     tampered = copy.deepcopy(model).requires_grad_(True)
     seed_everything(0)
-    optimizer = make_sgd(tampered, 1e-3, 0.9, 1e-3, fused=False)
+    optimizer = make_sgd(tampered, 1e-3, 0.9, 1e-3, kernels="for-loop", decay_all=False)
     for step, _, _, _ in train_steps(tampered, optimizer, data, spec, torch.Generator().manual_seed(0), 64, "cpu"):
         if step >= steps:
             break

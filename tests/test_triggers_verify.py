@@ -28,7 +28,8 @@ def test_every_trigger_matches_the_key_and_png_round_trip_keeps_labels(watermark
 def test_model_weights_are_unchanged_by_generation(watermarked, tmp_path):
     _, meta = load_classifier(watermarked["model"])
     out = run_script("generate_samples.py", "--model", watermarked["model"], "--num-triggers", 10, "--key-seed", 3,
-                     "--device", "cpu", "--out", tmp_path / "t", "--key-out", tmp_path / "k.json", "--no-progress")
+                     "--device", "cpu", "--out", tmp_path / "t", "--key-out", tmp_path / "k.json", "--no-progress",
+                     "--recipe", "fast")
     before = [l for l in out.stdout.splitlines() if l.startswith("before:")][0].split()
     after = [l for l in out.stdout.splitlines() if l.startswith("after:")][0].split()
     assert before[3] == after[3] == meta["weights_sha256"]  # sha256 before/after, and as in the checkpoint
