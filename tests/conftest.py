@@ -19,10 +19,10 @@ requires_fashion_mnist = pytest.mark.skipif(not os.path.exists(FASHION_PACKAGE),
                                             reason="Debian's dataset-fashion-mnist package is not installed")
 
 
-def run_script(script, *args, check=True, cwd=None):
+def run_script(script, *args, check=True, cwd=None, env=None):
     """Run one of the suite's scripts; returns the CompletedProcess (stdout/stderr as text)."""
     proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=cwd or ROOT,
-                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT})
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT, **(env or {})})
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} {' '.join(map(str, args))} exited {proc.returncode}\n"
                              f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}")

@@ -188,7 +188,8 @@ def test_fine_pruning_removes_channels_in_increasing_activation_order(wm, tmp_pa
 def backdoored(tmp_path_factory):
     out = tmp_path_factory.mktemp("robust") / "resnet8_synthetic.pt"
     run_script("train.py", "--dataset", "synthetic", "--arch", "resnet8", "--epochs", 3, "--train-subset", 1500,
-               "--backdoor-watermark", "--backdoor-triggers", 30, "--device", "cpu", "--out", out, "--no-progress")
+               "--backdoor-watermark", "--backdoor-triggers", 30, "--device", "cpu", "--out", out, "--no-progress",
+               "--recipe", "fast")   # 3 short epochs: the fast recipe's small batches embed the backdoor
     return str(out)
 
 
