@@ -45,7 +45,6 @@ OUT = ""                   # JSON; default bench/bench_<arch>_<device>.json
 
 import copy
 import dataclasses
-import json
 import os
 import statistics
 import time

@@ -57,8 +57,6 @@ MARGIN_SURROGATE_GAP = 0.3         # margin: on each surrogate another class bea
 PROGRESS = True
 # -----------------------------------------------------------------------------
 
-import os
-
 import torch
 
 from fragile.checkpoint_io import default_checkpoint_path, load_classifier, model_sha256

@@ -52,8 +52,7 @@ import time
 import torch
 
 from fragile.cli import UserError, apply_overrides, apply_preset, run_main
-from fragile.checkpoint_io import (check_writable, default_checkpoint_path, read_checkpoint, save_classifier,
-                                   weights_sha256)
+from fragile.checkpoint_io import check_writable, default_checkpoint_path, read_checkpoint, save_classifier
 from fragile.data import DATASETS, device_generator, load_dataset
 from fragile.devices import describe_device, resolve_device, seed_everything, set_fast_math
 from fragile.progress import progress_bar

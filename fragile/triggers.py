@@ -11,7 +11,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .checkpoint_io import atomic_save_torch, atomic_write, atomic_write_json, safe_torch_load
+from .checkpoint_io import atomic_save_torch, atomic_write_json, safe_torch_load
 from .cli import UserError
 from .data import to_float
 from .progress import progress_bar

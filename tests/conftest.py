@@ -4,8 +4,10 @@ Scripts are run as a user runs them (subprocesses), so exit codes and error line
 """
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -27,6 +29,22 @@ def run_script(script, *args, check=True, cwd=None, env=None):
         raise AssertionError(f"{script} {' '.join(map(str, args))} exited {proc.returncode}\n"
                              f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}")
     return proc
+
+
+def interrupted_train(args, out):
+    """Start train.py, SIGKILL it as soon as its first resume file exists; that resume file's path.
+    Skips the test when the run finished (or failed) before it could be interrupted."""
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *map(str, args), "--out", str(out)],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    resume_file = str(out)[:-3] + ".resume.pt"
+    deadline = time.time() + 300
+    while not os.path.exists(resume_file) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    if not os.path.exists(resume_file):
+        pytest.skip("the run finished before it could be interrupted")
+    return resume_file
 
 
 @pytest.fixture(scope="session")

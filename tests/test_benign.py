@@ -8,7 +8,7 @@ import torch
 
 from conftest import run_script
 from fragile import benign, comparison, trigger_methods
-from fragile.checkpoint_io import load_classifier, read_checkpoint
+from fragile.checkpoint_io import load_classifier
 from fragile.cli import UserError
 from fragile.data import get_spec, load_split
 from fragile.results import read_results

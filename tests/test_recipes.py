@@ -5,12 +5,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
-from conftest import ROOT, run_script
+from conftest import ROOT, interrupted_train, run_script
 from fragile.checkpoint_io import atomic_save_torch, read_checkpoint, safe_torch_load
 from fragile.cli import apply_overrides, apply_preset
 from fragile.results import merge_results, read_results
@@ -108,27 +107,12 @@ def test_fine_tuning_attack_decays_every_parameter_by_default():
 
 # ----------------------------------------------------------------------------- resume corner cases
 
-def interrupted_run(args, out):
-    """Start train.py, kill it once the first epoch's resume file exists; the resume file's path."""
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *map(str, args), "--out", str(out)],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    resume_file = str(out)[:-3] + ".resume.pt"
-    deadline = time.time() + 300
-    while not os.path.exists(resume_file) and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    if not os.path.exists(resume_file):
-        pytest.skip("the run finished before it could be interrupted")
-    return resume_file
-
-
 RESUMABLE = [*TINY, "--epochs", 3, "--train-subset", 600, "--batch-size", 64]
 
 
 def test_resume_after_the_last_epoch_records_the_real_accuracy(tmp_path):
     out = tmp_path / "m.pt"
-    resume_file = interrupted_run(RESUMABLE, out)
+    resume_file = interrupted_train(RESUMABLE, out)
     done = safe_torch_load(resume_file)
     epochs_done = done["train_state"]["epoch"]
     proc = run_script("train.py", *TINY, "--epochs", epochs_done, "--train-subset", 600, "--batch-size", 64,
@@ -140,7 +124,7 @@ def test_resume_after_the_last_epoch_records_the_real_accuracy(tmp_path):
 
 def test_resume_on_another_device_reseeds_the_data_order(tmp_path):
     out = tmp_path / "m.pt"
-    resume_file = interrupted_run(RESUMABLE, out)
+    resume_file = interrupted_train(RESUMABLE, out)
     payload = safe_torch_load(resume_file)
     payload["train_state"]["rng"]["device_gen_type"] = "cuda"   # as if saved on a GPU
     payload["train_state"]["rng"]["device_gen"] = torch.zeros(16, dtype=torch.uint8)   # a state that cannot fit
