@@ -7,7 +7,7 @@
 Both loops train the same architecture (identical initial weights) on the same in-memory images
 with the same batch size. Ours: uint8 images on the device, augmentation on the device, bf16
 autocast, channels_last, fused SGD, TF32 (each can be turned off). Reference: a DataLoader with
-per-sample PIL transforms, fp32, NCHW (fragile/reference_loop.py). Steady-state images/s are
+per-sample PIL transforms, fp32, NCHW (fragile/core/reference_loop.py). Steady-state images/s are
 timed after warm-up steps, the GPU synchronized at both ends. Then: generating 100 triggers
 (time per generator step, and for a fixed number of steps) and verification latency (median of
 repeats, one trigger per query and all at once). Prints a table and writes JSON.
@@ -51,15 +51,17 @@ import time
 
 import torch
 
-from fragile.checkpoint_io import atomic_write_json
-from fragile.cli import UserError, apply_overrides, run_main
-from fragile.data import DATASETS, balanced_subset, device_generator, get_spec, load_split, synthetic_split
-from fragile.devices import describe_device, resolve_device, seed_everything, set_fast_math
-from fragile.reference_loop import pytorch_default_backends, reference_loader, reference_sgd, reference_steps
-from fragile.training import make_sgd, prepare_model, sgd_kernels, train_steps
-from fragile.triggers import generate_paper, make_key
-from fragile.verification import query_labels
-from fragile import distributed as dist, versions
+from fragile.core import distributed as dist
+from fragile.core.cli import UserError, apply_overrides, run_main
+from fragile.core.data import DATASETS, balanced_subset, device_generator, get_spec, load_split, synthetic_split
+from fragile.core.devices import describe_device, resolve_device, seed_everything, set_fast_math, versions
+from fragile.core.io import atomic_write_json
+from fragile.core.reference_loop import pytorch_default_backends, reference_loader, reference_sgd, reference_steps
+from fragile.core.training import make_sgd, prepare_model, sgd_kernels, train_steps
+from fragile.watermark import methods
+from fragile.watermark.keys import make_key
+from fragile.watermark.methods.paper import RECIPES, PaperParams
+from fragile.watermark.verify import query_labels
 from models import ARCHS, build_classifier
 
 GPU_CPU_DEFAULTS = {"ARCH": ("resnet18", "resnet8"), "NUM_IMAGES": (50000, 2048), "BATCH_SIZE": (512, 32),
@@ -117,7 +119,7 @@ def time_steps(steps, warmup, measure, device):
 
 
 def our_steps(model, optimizer, split, spec, cfg, device):
-    """Endless steps of fragile.training.train_steps (the loop train.py and eval.py run); under torchrun each
+    """Endless steps of fragile.core.training.train_steps (the loop train.py and eval.py run); under torchrun each
     rank's share of the global batch, counted as the whole global batch (every rank steps together)."""
     gen = device_generator(device, cfg["SEED"])
     while True:
@@ -152,15 +154,17 @@ def bench_reference(model, split, spec, cfg, device):
 
 
 def bench_trigger_generation(model, spec, cfg, device):
-    """Wall time of generate_paper for NUM_TRIGGERS triggers, capped at GEN_STEPS generator steps."""
+    """Wall time of the paper's generator for NUM_TRIGGERS triggers, capped at GEN_STEPS generator steps (the
+    paper's loss and Adam betas, the fast recipe's learning rate)."""
     set_fast_math(False)  # generation runs in exact fp32, as generate_samples.py runs it
     key, _ = make_key(cfg["NUM_TRIGGERS"], spec.num_classes, seed=cfg["SEED"])
-    gen_cfg = {"latent_seed": cfg["SEED"], "latent_dim": cfg["LATENT_DIM"], "gen_channels": cfg["GEN_CHANNELS"],
-               "lr": 3e-3, "beta1": 0.5, "beta2": 0.999, "max_steps": cfg["GEN_STEPS"], "lam": 150.0}
+    params = PaperParams(latent_dim=cfg["LATENT_DIM"], latent_seed=cfg["SEED"], gen_channels=cfg["GEN_CHANNELS"],
+                         lam=150.0, lr=RECIPES["fast"]["LR"], beta1=0.5, beta2=0.999, max_steps=cfg["GEN_STEPS"])
+    job = methods.TriggerJob(model, spec, key, device, log=lambda *_: None)
     synchronize(device)
     t0 = time.perf_counter()
     try:
-        _, info = generate_paper(model, spec, key, gen_cfg, device, log=lambda *_: None)
+        _, info = methods.generate("paper", job, params)
         steps, completed = info["steps"], True
     except UserError:  # the step cap came first: the expected outcome for a short timing run
         steps, completed = cfg["GEN_STEPS"], False
@@ -216,7 +220,7 @@ def bench_data_parallel(cfg, device):
           f"{ours['images_per_s']:.1f} images/s")
     result = {"device": describe_device(device), "device_type": device.type, "arch": cfg["ARCH"],
               "dataset": spec.name, "batch_size": cfg["BATCH_SIZE"], "world_size": world, "ours": ours,
-              "config": cfg, "versions": versions.collect(device), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+              "config": cfg, "versions": versions(device), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     out = OUT or os.path.join("bench", f"bench_{cfg['ARCH']}_{device.type}_ddp{world}.json")
     dist.on_main(atomic_write_json, result, out)
     print(f"-> {out}")
@@ -253,7 +257,7 @@ def main():
               "num_images": len(split), "warmup_steps": cfg["WARMUP_STEPS"], "measure_steps": cfg["MEASURE_STEPS"],
               "ours": ours, "reference": reference, "ratio": ours["images_per_s"] / reference["images_per_s"],
               "trigger_generation": generation, "verification": verification, "config": cfg,
-              "versions": versions.collect(device), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+              "versions": versions(device), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     print(table(result))
     atomic_write_json(result, out)
     print(f"-> {out}")

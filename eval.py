@@ -70,8 +70,8 @@ RESTORE_LR = 1e-3
 RESTORE_RECOVERED = 0.9           # robust watermark counts as restored at >= this fraction of its accuracy before
 # benign matrix
 BENIGN_BATCH_SIZES = [1, 16]       # compared with all triggers at once
-ENVELOPE = []                      # settings the matrix covers (fragile/envelope.py); empty: the triggers' own envelope
-# method comparison (--attack compare; fragile/comparison.py)
+ENVELOPE = []                      # settings the matrix covers (fragile/watermark/jitter.py); empty: the triggers' own envelope
+# method comparison (--attack compare; fragile/experiments/compare.py)
 COMPARE_FINETUNE_EPOCHS = 1
 COMPARE_NOISE_SIGMAS = [1e-5, 1e-4, 1e-3]
 COMPARE_TRIALS = 20                # noise and single-weight trials
@@ -84,35 +84,22 @@ SAVE_TAMPERED = ""         # write the (last seed's) tampered model here, for ve
 PROGRESS = True
 # -----------------------------------------------------------------------------
 
-import os
 import time
 
 import torch
 
-from fragile.attack_registry import ATTACKS
-from fragile.attacks import ATTACKS as FINETUNE_ATTACKS, EvalContext
-from fragile.checkpoint_io import default_checkpoint_path, load_classifier, read_checkpoint, save_classifier
-from fragile.cli import UserError, apply_overrides, run_main
-from fragile.data import DATASETS, balanced_subset, get_spec, load_split
-from fragile.devices import describe_device, resolve_device, set_fast_math
-from fragile.envelope import ENVELOPE_ENTRIES
-from fragile.results import results_path, write_results
-from fragile.triggers import default_paths, load_key, load_triggers
-from fragile.verification import check_compatible
-from fragile import distributed as dist, robust_watermark, versions
+from fragile.attacks.context import EvalContext, FinetuneParams, PoisonParams
+from fragile.core import distributed as dist
+from fragile.core.cli import UserError, apply_overrides, from_header, run_main
+from fragile.core.data import DATASETS, balanced_subset, get_spec, load_split
+from fragile.core.devices import describe_device, resolve_device, set_fast_math, versions
+from fragile.core.io import default_checkpoint_path, load_classifier, read_checkpoint, save_classifier
+from fragile.core.results import results_path, write_results
+from fragile.experiments.registry import ATTACKS, DATA_PARALLEL
+from fragile.watermark.jitter import ENVELOPE_ENTRIES
+from fragile.watermark.paths import load_watermark, tensor_file, triggers_path
+from fragile.watermark.verify import check_compatible
 from models import ARCHS
-
-
-def load_watermark(model_path, model_meta):
-    triggers_path = TRIGGERS or default_paths(model_path, METHOD)[0]
-    if not os.path.exists(triggers_path):
-        raise UserError(f"triggers not found: {triggers_path} (run generate_samples.py, or pass --triggers)")
-    triggers, trigger_meta = load_triggers(triggers_path)
-    key_path = KEY or os.path.join(os.path.dirname(os.path.abspath(triggers_path.rstrip("/"))),
-                                   trigger_meta.get("key_file", ""))
-    key, _ = load_key(key_path)
-    check_compatible(triggers, key, model_meta["input_shape"], model_meta["num_classes"])
-    return triggers, torch.tensor(key), trigger_meta
 
 
 def main():
@@ -120,42 +107,44 @@ def main():
                                                            "ATTACK": list(ATTACKS), "ENVELOPE": ENVELOPE_ENTRIES,
                                                            "BACKEND": list(dist.BACKENDS)})
     device = dist.setup(BACKEND, resolve_device(DEVICE), [("batch-size", BATCH_SIZE)])
-    if dist.world_size() > 1 and ATTACK not in FINETUNE_ATTACKS:
+    if dist.world_size() > 1 and ATTACK not in DATA_PARALLEL:
         raise UserError(f"--attack {ATTACK} does not run data parallel: under torchrun only "
-                        f"{' and '.join(FINETUNE_ATTACKS)} do; run it with plain python")
+                        f"{' and '.join(DATA_PARALLEL)} do; run it with plain python")
+    attack = ATTACKS[ATTACK]
+    params = from_header(attack.params, globals()) if attack.params else None
     set_fast_math(FAST_MATH and device.type == "cuda")
     model_path = MODEL or default_checkpoint_path(ARCH, DATASET)
     model, model_meta = load_classifier(model_path, device)
-    triggers, key, trigger_meta = load_watermark(model_path, model_meta)
+    watermark = load_watermark(triggers_path(model_path, METHOD, TRIGGERS), KEY)
+    check_compatible(watermark.triggers, watermark.key, model_meta["input_shape"], model_meta["num_classes"])
     spec = get_spec(model_meta["dataset"])
-    out = results_path(RESULTS_DIR, model_meta, trigger_meta.get("method", METHOD), ATTACK)
+    method = watermark.meta.get("method", METHOD)
+    out = results_path(RESULTS_DIR, model_meta, method, ATTACK)
     train = balanced_subset(load_split(spec, DATA_DIR, True), TRAIN_SUBSET, spec.num_classes)
     train = train.to(device if DATA_ON_DEVICE else "cpu")
     test = balanced_subset(load_split(spec, DATA_DIR, False), TEST_SUBSET, spec.num_classes).to(device)
-    ctx = EvalContext(model, spec, train, test, triggers.to(device), key, config, device)
-    ctx.extras["query_order"] = trigger_meta.get("query_order")   # most fragile first (generate_samples.py)
-    backdoor = read_checkpoint(model_path).get("backdoor")
-    if backdoor is not None:  # track the robust watermark beside the fragile one
-        ctx.extras["backdoor"] = backdoor
-        ctx.extras["metrics"] = [("backdoor_accuracy", lambda m: robust_watermark.trigger_accuracy(m, backdoor))]
-    print(f"{ATTACK} on {model_path} ({model_meta['arch']}, {model_meta['dataset']}), {len(key)} triggers, "
+    ctx = EvalContext(model, spec, train, test, watermark.triggers.to(device), torch.tensor(watermark.key), device,
+                      finetune=from_header(FinetuneParams, globals()), poison=from_header(PoisonParams, globals()),
+                      max_mismatches=MAX_MISMATCHES, eval_batch_size=EVAL_BATCH_SIZE,
+                      query_order=watermark.meta.get("query_order"),   # most fragile first (generate_samples.py)
+                      trigger_meta=watermark.meta, tensor_file=tensor_file(watermark.triggers_path),
+                      model_meta=model_meta, backdoor=read_checkpoint(model_path).get("backdoor"), progress=PROGRESS)
+    print(f"{ATTACK} on {model_path} ({model_meta['arch']}, {model_meta['dataset']}), {len(watermark.key)} triggers, "
           f"{describe_device(device)}")
 
     started, runs, tampered = time.time(), [], None
     for seed in SEEDS:
         print(f"seed {seed}")
-        run, tampered = ATTACKS[ATTACK](ctx, seed)
+        run, tampered = attack.run(ctx, params, seed)
         runs.append(run)
     results = {"attack": ATTACK, "model": model_path, "arch": model_meta["arch"], "dataset": model_meta["dataset"],
-               "method": trigger_meta.get("method", METHOD), "envelope": trigger_meta.get("envelope", ["exact"]),
+               "method": method, "envelope": watermark.meta.get("envelope", ["exact"]),
                "weights_sha256": model_meta["weights_sha256"],
-               "num_triggers": len(key), "config": config, "versions": versions.collect(device),
+               "num_triggers": len(watermark.key), "config": config, "versions": versions(device),
                "device": describe_device(device), "world_size": dist.world_size(),
                "wall_time_s": round(time.time() - started, 2), "runs": runs}
     dist.on_main(write_outputs, results, out, tampered, model_meta)
     dist.cleanup()
-
-
 def write_outputs(results, out, tampered, model_meta):
     """Results JSON and CSV, and the tampered model when asked (rank 0 alone under torchrun)."""
     write_results(results, out)

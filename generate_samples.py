@@ -31,7 +31,7 @@ LR = 1e-4                  # (recipe) Adam
 BETA1 = 0.5
 BETA2 = 0.999
 MAX_STEPS = 2000           # step cap; generation stops as soon as every 8-bit trigger carries its key label
-# margin / ftg / natural / random methods (fragile/trigger_methods.py; docs/sensitivity.md)
+# margin / ftg / natural / random methods (fragile/watermark/methods/; docs/sensitivity.md)
 CONTROL_SEED = 0           # which noise / test images the controls, ftg and margin start from
 FTG_STEPS = 1000           # ftg: signed-gradient steps minimising the softmax variance
 FTG_STEP_SIZE = 0.25 / 255 # ftg: per step, in [0, 1] pixel units (straight-through 8-bit rounding)
@@ -59,15 +59,20 @@ PROGRESS = True
 
 import torch
 
-from fragile.checkpoint_io import default_checkpoint_path, load_classifier, model_sha256
-from fragile.cli import UserError, apply_overrides, apply_preset, run_main
-from fragile.data import DATASETS, get_spec, load_split
-from fragile.devices import describe_device, resolve_device, set_fast_math
-from fragile.envelope import ENVELOPE_ENTRIES, resolve_envelope
-from fragile.training import accuracy
-from fragile.triggers import (GENERATOR_RECIPES, default_paths, labels_and_margins, load_triggers, make_key, margin_summary,
-                              save_key, save_triggers, trigger_meta)
-from fragile import distributed as dist, trigger_methods
+from fragile.core import distributed as dist
+from fragile.core.cli import UserError, apply_overrides, apply_preset, from_header, run_main
+from fragile.core.data import DATASETS, get_spec, load_split
+from fragile.core.devices import describe_device, resolve_device, set_fast_math
+from fragile.core.io import default_checkpoint_path, load_classifier, model_sha256
+from fragile.core.training import accuracy
+from fragile.watermark import methods
+from fragile.watermark.jitter import ENVELOPE_ENTRIES, resolve_envelope
+from fragile.watermark.keys import make_key, save_key
+from fragile.watermark.methods.fragility import FragilityParams, fragility_order
+from fragile.watermark.methods.paper import RECIPES
+from fragile.watermark.paths import default_paths
+from fragile.watermark.trigger_io import load_triggers, save_triggers, trigger_meta
+from fragile.watermark.verify import labels_and_margins, margin_summary
 from models import ARCHS
 
 
@@ -77,10 +82,9 @@ def fingerprint(model, test):
 
 def main():
     config = apply_overrides(globals(), __doc__, choices={"DATASET": list(DATASETS), "ARCH": list(ARCHS),
-                                                           "METHOD": list(trigger_methods.METHODS),
-                                                           "RECIPE": list(GENERATOR_RECIPES),
+                                                           "METHOD": list(methods.METHODS), "RECIPE": list(RECIPES),
                                                            "ENVELOPE": ENVELOPE_ENTRIES})
-    config = apply_preset(globals(), config, GENERATOR_RECIPES[RECIPE])
+    config = apply_preset(globals(), config, RECIPES[RECIPE])
     resolve_envelope(ENVELOPE)  # a bad entry fails now, not after the model and data are loaded
     device = dist.setup("auto", resolve_device(DEVICE))
     dist.on_main(generate, config, device)   # under torchrun: rank 0 alone, the others wait
@@ -94,19 +98,23 @@ def generate(config, device):
     spec = get_spec(model_meta["dataset"])
     out, key_out = default_paths(model_path, METHOD)
     out, key_out = OUT or out, KEY_OUT or key_out
+    params_class = methods.METHODS[METHOD].params
+    params = from_header(params_class, globals()) if params_class else None
     test = load_split(spec, DATA_DIR, train=False).to(device)
-    train = load_split(spec, DATA_DIR, train=True) if trigger_methods.needs_training_data(METHOD, config) else None
+    train = load_split(spec, DATA_DIR, train=True) if methods.needs_training_data(METHOD, params) else None
 
     sha_before, acc_before = fingerprint(model, test)
     print(f"model {model_path}: {model_meta['arch']} on {model_meta['dataset']}, {describe_device(device)}")
     print(f"before: weights sha256 {sha_before}  test accuracy {acc_before:.4f}")
 
     key, source = make_key(NUM_TRIGGERS, spec.num_classes, None if KEY_SEED < 0 else KEY_SEED)
-    triggers, info = trigger_methods.generate(METHOD, model, spec, key, config, device, test, train)
+    job = methods.TriggerJob(model, spec, key, device, test, train, progress=PROGRESS)
+    triggers, info = methods.generate(METHOD, job, params)
 
     # Accept only what will be deployed: the PNGs, read back from disk, must all carry their key labels.
     save_key(key_out, key, spec.num_classes, source)
-    order, flip_rate = trigger_methods.fragility_order(model, triggers.to(device), key, config)
+    fragility = from_header(FragilityParams, globals())
+    order, flip_rate = fragility_order(model, triggers.to(device), key, fragility)
     meta = trigger_meta(model_meta, key_out, METHOD, config, info.pop("meta", {}))
     meta.update(query_order=order, estimated_flip_rate_mean=flip_rate.mean().item(), envelope=list(ENVELOPE))
     save_triggers(out, triggers, meta, extra=info)
@@ -124,7 +132,7 @@ def generate(config, device):
     print(f"{len(key)} triggers ({METHOD}), all on their key labels after 8-bit PNG export")
     print(f"top-1 minus runner-up logit margin: min {s['min']:.3g}  median {s['median']:.3g}  "
           f"mean {s['mean']:.3g}  max {s['max']:.3g}")
-    print(f"estimated flip rate under weight noise sigma {config['MARGIN_NOISE_SIGMA']:g}: mean "
+    print(f"estimated flip rate under weight noise sigma {fragility.noise_sigma:g}: mean "
           f"{flip_rate.mean().item():.2f}, most fragile trigger {flip_rate.max().item():.2f} (queried first)")
     uncovered = [p for p in ("fp16", "bf16") if p not in ENVELOPE]
     if uncovered:  # the one line the owner must not miss: half-precision serving is outside this envelope

@@ -17,8 +17,8 @@ DEVICE = "cpu"
 
 import sys
 
-from fragile.checkpoint_io import read_checkpoint
-from fragile.cli import UserError, apply_overrides, run_main
+from fragile.core.cli import UserError, apply_overrides, run_main
+from fragile.core.io import read_checkpoint
 
 
 def main():
@@ -30,7 +30,7 @@ def main():
     read_checkpoint(MODEL)  # a missing, corrupt or unsafe checkpoint fails here, in one line
     sys.argv = sys.argv[:1]  # KServe parses the command line when imported: it must not see these flags
     try:
-        from fragile import serving
+        from fragile.watermark import serving
     except ModuleNotFoundError as e:
         if e.name and e.name.split(".")[0] == "kserve":
             raise UserError("serving needs KServe: pip install -r requirements-serve.txt") from None

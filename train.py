@@ -6,7 +6,7 @@
     torchrun --standalone --nproc_per_node 4 train.py  # data parallel: --batch-size is the global batch
 
 Every constant below can be overridden from the command line (--help lists them). The constants marked
-(recipe) are the paper's; `--recipe fast` replaces them (fragile/training.recipe_settings), except those
+(recipe) are the paper's; `--recipe fast` replaces them (recipe_settings in fragile/core/training.py), except those
 passed explicitly as flags.
 """
 # ----------------------------------------------------------------------------- config
@@ -51,14 +51,14 @@ import time
 
 import torch
 
-from fragile.cli import UserError, apply_overrides, apply_preset, run_main
-from fragile.checkpoint_io import check_writable, default_checkpoint_path, read_checkpoint, save_classifier
-from fragile.data import DATASETS, device_generator, load_dataset
-from fragile.devices import describe_device, resolve_device, seed_everything, set_fast_math
-from fragile.progress import progress_bar
-from fragile.training import (RECIPES, SCHEDULES, accuracy, grad_scaler, lr_at, make_sgd, prepare_model,
-                              recipe_settings, sgd_kernels, train_steps)
-from fragile import distributed as dist, robust_watermark, versions
+from fragile.core import distributed as dist
+from fragile.core.cli import UserError, apply_overrides, apply_preset, progress_bar, run_main
+from fragile.core.data import DATASETS, device_generator, load_dataset
+from fragile.core.devices import describe_device, resolve_device, seed_everything, set_fast_math, versions
+from fragile.core.io import check_writable, default_checkpoint_path, read_checkpoint, save_classifier
+from fragile.core.training import (RECIPES, SCHEDULES, accuracy, capture_rng, grad_scaler, lr_at, make_sgd,
+                                   prepare_model, recipe_settings, restore_rng, sgd_kernels, train_steps)
+from fragile.watermark import robust
 from models import ARCHS, build_classifier
 
 
@@ -68,27 +68,6 @@ def resume_path(out):
 
 def log_path(out):
     return (out[:-3] if out.endswith(".pt") else out) + ".log.jsonl"
-
-
-def capture_rng(gen):
-    return {"torch": torch.get_rng_state(), "device_gen": gen.get_state(), "device_gen_type": gen.device.type,
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def restore_rng(state, gen, reseed):
-    """The saved random state, where it fits. The data-order generator's state only fits a generator on the
-    device it was saved from: resumed on another one (another machine, --no-data-on-device), the data order
-    is reseeded instead, and the run says so."""
-    torch.set_rng_state(state["torch"])
-    saved_on = state.get("device_gen_type")
-    if saved_on == gen.device.type:
-        gen.set_state(state["device_gen"])
-    else:
-        gen.manual_seed(reseed)
-        print(f"note: the data order was saved on {saved_on or 'another device'} and this run draws it on "
-              f"{gen.device.type}: reseeded, so batches differ from an uninterrupted run")
-    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def read_resume(out):
@@ -115,8 +94,7 @@ def main():
                                                            "BACKEND": list(dist.BACKENDS)})
     out = OUT or default_checkpoint_path(ARCH, DATASET)
     device = resolve_device(DEVICE)
-    if RECIPE != "paper":
-        config = apply_preset(globals(), config, recipe_settings(RECIPE, device))
+    config = apply_preset(globals(), config, recipe_settings(RECIPE, device))
     device = dist.setup(BACKEND, device, [("batch-size", BATCH_SIZE)])
     if dist.is_main():  # only rank 0 writes
         check_writable(out)
@@ -128,7 +106,7 @@ def main():
     print(f"{DATASET}: {len(train)} train / {len(test)} test images {spec.shape}, {ARCH} on {describe_device(device)}")
 
     model = build_classifier(ARCH, spec)
-    backdoor = robust_watermark.make_trigger_set(spec, BACKDOOR_TRIGGERS, SEED) if BACKDOOR_WATERMARK else None
+    backdoor = robust.make_trigger_set(spec, BACKDOOR_TRIGGERS, SEED) if BACKDOOR_WATERMARK else None
     model = prepare_model(model, device, CHANNELS_LAST and device.type == "cuda")
     if SYNC_BN and dist.world_size() > 1:   # same parameters and buffers: checkpoints load into the plain model
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -159,10 +137,10 @@ def main():
     def meta(epoch, test_acc):
         return dict(arch=ARCH, dataset=DATASET, num_classes=spec.num_classes, input_shape=list(spec.shape),
                     test_accuracy=test_acc, epochs=epoch, seed=SEED, train_subset=TRAIN_SUBSET,
-                    config=config, world_size=dist.world_size(), **versions.collect(device),
-                    backdoor_watermark=robust_watermark.describe(backdoor))
+                    config=config, world_size=dist.world_size(), **versions(device),
+                    backdoor_watermark=robust.describe(backdoor))
 
-    batch_transform = robust_watermark.mixer(backdoor, device) if backdoor else None
+    batch_transform = robust.mixer(backdoor, device) if backdoor else None
     for epoch in range(start_epoch, EPOCHS):
         t0 = time.time()
         loss_sum = torch.zeros((), device=device)
@@ -193,7 +171,7 @@ def main():
             record = dict(epoch=epoch + 1, train_loss=train_loss, train_accuracy=correct.item() / seen,
                           test_accuracy=test_acc, seconds=round(seconds, 2), lr=optimizer.param_groups[0]["lr"])
             if backdoor:
-                record["backdoor_accuracy"] = robust_watermark.trigger_accuracy(model, backdoor)
+                record["backdoor_accuracy"] = robust.trigger_accuracy(model, backdoor)
             with open(log_path(out), "a") as f:
                 f.write(json.dumps(record) + "\n")
             print(json.dumps(record))
@@ -201,14 +179,14 @@ def main():
                             train_state={"optimizer": optimizer.state_dict(), "rng": capture_rng(gen),
                                          "scaler": scaler.state_dict(),
                                          "epoch": epoch + 1, "elapsed": seconds},
-                            backdoor=robust_watermark.to_payload(backdoor))
+                            backdoor=robust.to_payload(backdoor))
             return test_acc, seconds
         test_acc, elapsed = dist.on_main(end_of_epoch) or (None, elapsed + time.time() - t0)
 
     def finish(test_acc):
         if test_acc is None:  # nothing trained and nothing recorded (an old resume file): measure it
             test_acc = accuracy(model, test, EVAL_BATCH_SIZE)
-        final = save_classifier(out, model, meta(EPOCHS, test_acc), backdoor=robust_watermark.to_payload(backdoor))
+        final = save_classifier(out, model, meta(EPOCHS, test_acc), backdoor=robust.to_payload(backdoor))
         if os.path.exists(resume_path(out)):
             os.remove(resume_path(out))
         print(f"test accuracy {test_acc:.4f}  wall time {elapsed:.1f}s  weights sha256 "

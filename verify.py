@@ -25,24 +25,13 @@ JSON = False               # print one JSON object instead of a verdict line
 # -----------------------------------------------------------------------------
 
 import json
-import os
 
-from fragile.checkpoint_io import load_classifier
-from fragile.cli import UserError, apply_overrides, run_main
-from fragile.devices import resolve_device
-from fragile.remote import query_remote_labels
-from fragile.triggers import default_paths, load_key, load_triggers
-from fragile.verification import check_compatible, compare, query_labels
-
-
-def resolve_key_path(triggers_path, meta):
-    if KEY:
-        return KEY
-    if not meta.get("key_file"):
-        raise UserError("no --key given and the trigger metadata names no key file")
-    folder = triggers_path if os.path.isdir(triggers_path) else os.path.dirname(os.path.abspath(triggers_path))
-    folder = folder if os.path.exists(os.path.join(folder, "meta.json")) else os.path.dirname(os.path.abspath(folder))
-    return os.path.join(os.path.dirname(os.path.abspath(folder)), meta["key_file"])
+from fragile.core.cli import UserError, apply_overrides, run_main
+from fragile.core.devices import resolve_device
+from fragile.core.io import load_classifier
+from fragile.watermark.paths import load_watermark, triggers_path
+from fragile.watermark.remote import query_remote_labels
+from fragile.watermark.verify import check_compatible, compare, query_labels
 
 
 def local_labels(triggers, key):
@@ -66,14 +55,11 @@ def main():
     apply_overrides(globals(), __doc__, choices={"INPUT_DATATYPE": ["UINT8", "FP32"]})
     if bool(MODEL) == bool(URL):
         raise UserError("give either --model (a checkpoint) or --url (a served model)")
-    triggers_path = TRIGGERS or (default_paths(MODEL, METHOD)[0] if MODEL else "")
-    if not triggers_path:
+    if URL and not TRIGGERS:
         raise UserError("--triggers is required with --url")
-    if not os.path.exists(triggers_path):
-        raise UserError(f"triggers not found: {triggers_path} (pass --triggers)")
-    triggers, trigger_meta = load_triggers(triggers_path)
-    key, key_classes = load_key(resolve_key_path(triggers_path, trigger_meta))
-    labels, num_classes, weights_hash = (remote_labels(triggers, key, trigger_meta, key_classes) if URL
+    watermark = load_watermark(triggers_path(MODEL, METHOD, TRIGGERS), KEY)
+    triggers, key, trigger_meta = watermark.triggers, watermark.key, watermark.meta
+    labels, num_classes, weights_hash = (remote_labels(triggers, key, trigger_meta, watermark.num_classes) if URL
                                          else local_labels(triggers, key))
     report = compare(labels, key, num_classes, MAX_MISMATCHES, order=trigger_meta.get("query_order"))
     bound = trigger_meta.get("weights_sha256")

@@ -18,9 +18,8 @@ ARCHS = {
 
 def build_classifier(arch, spec):
     """``arch`` for dataset ``spec``: Normalize(spec) followed by the network."""
-    if arch not in ARCHS:
-        from fragile.cli import UserError
-        raise UserError(f"unknown arch {arch!r}: choose one of {', '.join(ARCHS)}")
+    if arch not in ARCHS:  # callers check user input first; the model zoo knows nothing of the suite above it
+        raise ValueError(f"unknown arch {arch!r}: choose one of {', '.join(ARCHS)}")
     return nn.Sequential(Normalize(spec.mean, spec.std), ARCHS[arch](spec.shape[0], spec.num_classes))
 
 

@@ -1,7 +1,7 @@
 """ResNets with the CIFAR stem (3x3 stride-1 conv, no max-pool), built from torchvision's blocks."""
 import torch
 import torch.nn as nn
-from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+from torchvision.models.resnet import BasicBlock, ResNet
 
 
 class Normalize(nn.Module):

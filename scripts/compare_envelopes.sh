@@ -9,7 +9,7 @@
 # generate_samples.py --envelope ... makes the triggers next to the checkpoint
 # (<stem>_triggers_<method>_<entries joined by +>, reusing them if present), eval.py --attack compare runs on
 # them with the matrix covering WIDE_ENVELOPE (default "exact fp16 bf16": every set is also checked on the
-# changes it was not calibrated for), and fragile.comparison.render_comparison writes comparison.md / .csv /
+# changes it was not calibrated for), and plot.py --compare writes comparison.md / .csv /
 # .png into RESULTS_DIR. Environment: PYTHON (.venv/bin/python), DEVICE (cpu), METHOD (margin),
 # NUM_TRIGGERS (100), KEY_SEED (0), ENVELOPES, WIDE_ENVELOPE, REGENERATE=1 to remake existing sets.
 set -euo pipefail
@@ -57,17 +57,8 @@ for envelope in "${LIST[@]}"; do
 done
 
 echo "== render"
-"$PYTHON" - "$RESULTS" "${FILES[@]}" <<'PY'
-import glob, os, sys
-from fragile.cli import UserError
-from fragile.comparison import render_comparison
-from fragile.results import read_results
-
-out, folders = sys.argv[1], sys.argv[2:]
-paths = [p for folder in folders for p in sorted(glob.glob(os.path.join(folder, "*_compare.json")))]
-try:
-    written = render_comparison([(p, read_results(p)) for p in paths], out)
-except UserError as e:
-    sys.exit(f"error: {e}")
-print("\n".join(f"{k} -> {v}" for k, v in written.items()))
-PY
+COMPARED=()
+for folder in "${FILES[@]}"; do
+    COMPARED+=($(compgen -G "$folder/*_compare.json"))
+done
+"$PYTHON" plot.py --results "${COMPARED[@]}" --compare --no-trigger-grid --formats png --figures-dir "$RESULTS"

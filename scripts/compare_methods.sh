@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# Every trigger method for one model, under the same attacks, side by side (issue 6; docs/sensitivity.md).
+# Every trigger method for one model, under the same attacks, side by side (docs/sensitivity.md).
 #
 #   scripts/compare_methods.sh MODEL.pt RESULTS_DIR [extra eval.py flags ...]
 #   scripts/compare_methods.sh /tmp/sens/resnet8_fashion-mnist.pt /tmp/sens/results --train-subset 20000
 #
 # For each method (paper random natural ftg margin): generate_samples.py makes its triggers and key next to
 # the checkpoint (<stem>_triggers_<method>, reusing them if present), then eval.py --attack compare runs the
-# comparison attacks and the benign matrix on them. Finally fragile.comparison.render_comparison (what
-# plot.py --compare calls) writes comparison.md / .csv / .png into RESULTS_DIR.
+# comparison attacks and the benign matrix on them. Finally plot.py --compare (fragile/report/comparison.py)
+# writes comparison.md / .csv / .png into RESULTS_DIR.
 # Environment: PYTHON (default .venv/bin/python), DEVICE (default cpu), NUM_TRIGGERS (100), KEY_SEED (0),
 # METHODS (default "paper random natural ftg margin"), REGENERATE=1 to remake existing trigger sets,
 # GENERATOR_RECIPE (default fast, the generator the documented comparison used; paper for the paper's own).
@@ -46,19 +46,8 @@ for method in $METHODS; do
 done
 
 echo "== render"
-"$PYTHON" - "$MODEL" "$RESULTS" $METHODS <<'PY'
-import os, sys
-from fragile.checkpoint_io import read_checkpoint
-from fragile.cli import UserError
-from fragile.comparison import render_comparison
-from fragile.results import read_results, results_path
-
-model, out, methods = sys.argv[1], sys.argv[2], sys.argv[3:]
-meta = read_checkpoint(model)["meta"]
-paths = [results_path(out, meta, m, "compare") for m in methods]
-try:
-    written = render_comparison([(p, read_results(p)) for p in paths], out)
-except UserError as e:
-    sys.exit(f"error: {e}")
-print("\n".join(f"{k} -> {v}" for k, v in written.items()))
-PY
+FILES=()
+for method in $METHODS; do
+    FILES+=($(compgen -G "$RESULTS/*_${method}_compare.json"))
+done
+"$PYTHON" plot.py --results "${FILES[@]}" --compare --no-trigger-grid --formats png --figures-dir "$RESULTS"

@@ -54,9 +54,9 @@ part_of() {  # part_of DIR ATTACK: the results file eval.py wrote there (named a
     compgen -G "$1/*_paper_$2.json" | head -n 1 || true
 }
 
-"$PYTHON" -c "import json, sys; from fragile import versions; from fragile.devices import describe_device, \
-resolve_device; d = resolve_device('$DEVICE'); json.dump({**versions.collect(d), 'device': describe_device(d)}, \
-sys.stdout, indent=1)" > "$OUT/machine.json"
+"$PYTHON" -c "import json, sys; from fragile.core.devices import describe_device, resolve_device, versions; \
+d = resolve_device('$DEVICE'); json.dump({**versions(d), 'device': describe_device(d)}, sys.stdout, indent=1)" \
+    > "$OUT/machine.json"
 
 if [ ! -f "$MODEL" ]; then
     resume=()
@@ -80,7 +80,7 @@ for attack in finetune poison; do
         fi
         parts+=("$part")
     done
-    "$PYTHON" -m fragile.results merge "$OUT/${ARCH}_${DATASET}_paper_$attack.json" "${parts[@]}"
+    "$PYTHON" -m fragile.core.results merge "$OUT/${ARCH}_${DATASET}_paper_$attack.json" "${parts[@]}"
 done
 "$PYTHON" plot.py --results "$OUT/${ARCH}_${DATASET}_paper_finetune.json" "$OUT/${ARCH}_${DATASET}_paper_poison.json" \
     --figures-dir "$OUT/figures" --formats png

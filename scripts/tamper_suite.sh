@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole tamper suite (issue 5) on the Fashion-MNIST resnet8 model, on CPU, in one command:
+# The whole tamper suite on the Fashion-MNIST resnet8 model, on CPU, in one command:
 #
 #     scripts/tamper_suite.sh [OUT_DIR]            # default OUT_DIR: /tmp/tamper
 #

@@ -1,7 +1,10 @@
 """Shared fixtures: a tiny watermarked model on synthetic data, built once per test session.
 
-Scripts are run as a user runs them (subprocesses), so exit codes and error lines are tested too.
+Tests mirror the packages (tests/core, tests/watermark, tests/attacks, tests/experiments, tests/report,
+tests/models); tests/scripts runs the scripts as a user runs them (subprocesses: exit codes and error lines
+are tested too) and is marked ``integration`` (``pytest -m integration`` / ``-m "not integration"``).
 """
+import dataclasses
 import json
 import os
 import signal
@@ -12,8 +15,9 @@ import time
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+TESTS = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(TESTS)
+sys.path[:0] = [ROOT, TESTS]   # the suite, and this file as ``conftest`` from every test folder
 torch.set_num_threads(max(1, os.cpu_count() or 1))
 
 FASHION_PACKAGE = "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"
@@ -47,6 +51,18 @@ def interrupted_train(args, out):
     return resume_file
 
 
+class _Payload:
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def write_pickle_bomb(path, marker):
+    """A checkpoint whose metadata, if ever unpickled with code execution, creates ``marker``."""
+    payload = _Payload()
+    payload.marker = marker
+    torch.save({"format": "fragile-wm/1", "state_dict": {}, "meta": payload}, path)
+
+
 @pytest.fixture(scope="session")
 def watermarked(tmp_path_factory):
     """resnet8 trained on synthetic data, with 30 paper triggers and a seeded key.
@@ -62,3 +78,106 @@ def watermarked(tmp_path_factory):
     triggers, key = root / "resnet8_synthetic_triggers_paper", root / "resnet8_synthetic_key_paper.json"
     return {"model": str(model), "triggers": str(triggers), "key": str(key), "root": root,
             "key_labels": json.load(open(key))["labels"]}
+
+
+@pytest.fixture(scope="session")
+def trajectories(watermarked, tmp_path_factory):
+    """Clean fine-tuning with two seeds and poisoned fine-tuning with one, written by eval.py (100 samples in
+    batches of 25: 4 steps an epoch, so early steps 1 and 2 fall inside the first epoch)."""
+    out = tmp_path_factory.mktemp("plot_results")
+    args = ("--epochs", 2, "--train-subset", 100, "--test-subset", 100, "--batch-size", 25, "--device", "cpu",
+            "--no-progress", "--results-dir", out, "--model", watermarked["model"])
+    run_script("eval.py", "--attack", "finetune", "--seeds", 0, 1, *args)
+    run_script("eval.py", "--attack", "poison", "--seeds", 0, *args)
+    paths = {attack: str(out / f"resnet8_synthetic_paper_{attack}.json") for attack in ("finetune", "poison")}
+    return {**paths, "dir": out, "loaded": {a: json.load(open(p)) for a, p in paths.items()}}
+
+
+# ----------------------------------------------------------------------------- parameters, built directly
+
+def paper_params(**changes):
+    """The paper generator's parameters at test size (the fast recipe's width and learning rate)."""
+    from fragile.watermark.methods.paper import PaperParams
+    values = dict(latent_dim=512, latent_seed=0, gen_channels=64, lam=150.0, lr=3e-3, beta1=0.5, beta2=0.999,
+                  max_steps=2000)
+    return PaperParams(**{**values, **changes})
+
+
+def margin_params(surrogates=0, select_draws=8, **changes):
+    """``margin``'s parameters for the synthetic resnet8: a short run, ``surrogates`` fine-tuned copies."""
+    from fragile.watermark.methods.fragility import FragilityParams
+    from fragile.watermark.methods.margin import MarginParams
+    from fragile.watermark.methods.surrogates import SurrogateParams
+    values = dict(start="natural", safety=10.0, band=4.0, steps=40, lr=2.0 / 255, pool=2, grid_rounds=30,
+                  candidates=32, control_seed=0, envelope=["exact"],
+                  surrogates=SurrogateParams(count=surrogates, steps=16, subset=1024, lr=1e-3, momentum=0.9,
+                                             weight_decay=1e-3, batch_size=64, mix_bn=True, gap=0.3),
+                  fragility=FragilityParams(noise_sigma=1e-4, select_draws=select_draws), paper=paper_params())
+    return MarginParams(**{**values, **changes})
+
+
+@pytest.fixture(scope="session")
+def margin_set(watermarked):
+    """A few margin triggers made in-process on the session model: the closest to the boundary any method gets
+    (the band alone: no fine-tuned copies). (uint8 triggers, key, trigger metadata)."""
+    from fragile.core.data import get_spec, load_split
+    from fragile.core.io import load_classifier
+    from fragile.watermark import methods
+    model, _ = load_classifier(watermarked["model"])
+    spec = get_spec("synthetic")
+    key = torch.randint(0, spec.num_classes, (12,), generator=torch.Generator().manual_seed(5)).tolist()
+    job = methods.TriggerJob(model, spec, key, torch.device("cpu"), load_split(spec, "data", False))
+    triggers, info = methods.generate("margin", job, margin_params())
+    return triggers, key, info["meta"]
+
+
+def finetune_params(**changes):
+    """The paper's fine-tuning at test size: one epoch, batch 64, no early steps, fp32."""
+    from fragile.attacks.context import FinetuneParams
+    values = dict(epochs=1, batch_size=64, lr=1e-3, momentum=0.9, weight_decay=1e-3, decay_all=True, augment=True,
+                  freeze_bn=False, amp=False, fused_optimizer=True, channels_last=True, compile=False, early_steps=[])
+    return FinetuneParams(**{**values, **changes})
+
+
+def poison_params(**changes):
+    from fragile.attacks.context import PoisonParams
+    values = dict(fraction=0.1, target=0, patch_size=3, patch_position="bottom-right", patch_value=255)
+    return PoisonParams(**{**values, **changes})
+
+
+def eval_context(model, triggers, key, train_size=256, test_size=300, **changes):
+    """What eval.py hands an attack, on class-balanced synthetic splits of the given sizes; ``changes`` replace
+    any field (``backdoor=...``, ``trigger_meta=...``)."""
+    from fragile.attacks.context import EvalContext
+    from fragile.core.data import balanced_subset, get_spec, load_split
+    spec = get_spec("synthetic")
+    train = balanced_subset(load_split(spec, "data", True), train_size, spec.num_classes)
+    test = balanced_subset(load_split(spec, "data", False), test_size, spec.num_classes)
+    ctx = EvalContext(model, spec, train, test, triggers, torch.as_tensor(key), torch.device("cpu"),
+                      finetune_params(), poison_params(), log=lambda *args: None)
+    return dataclasses.replace(ctx, **changes)
+
+
+@pytest.fixture(scope="session")
+def compare_results(watermarked, tmp_path_factory):
+    """The comparison on the session's paper triggers, run in process with few trials and a small fine-tuning
+    set, written as eval.py writes it. (path, results)."""
+    from fragile.core.io import load_classifier, read_checkpoint
+    from fragile.core.results import read_results, write_results
+    from fragile.experiments.benign import BenignParams
+    from fragile.experiments.compare import CompareParams, run_comparison
+    from fragile.watermark.paths import load_watermark, tensor_file
+    model, meta = load_classifier(watermarked["model"])
+    watermark = load_watermark(watermarked["triggers"])
+    ctx = eval_context(model, watermark.triggers, watermark.key, train_size=512, test_size=200,
+                       query_order=watermark.meta["query_order"], trigger_meta=watermark.meta,
+                       tensor_file=tensor_file(watermark.triggers_path), model_meta=meta)
+    params = CompareParams(finetune_epochs=1, noise_sigmas=[1e-5, 1e-4, 1e-3], trials=3, single_weight_eps=1e-3,
+                           obfuscate_k=1, obfuscate_scale=10.0, benign=BenignParams(batch_sizes=[1, 16], envelope=[]))
+    run, _ = run_comparison(ctx, params, seed=0)
+    path = str(tmp_path_factory.mktemp("compare") / "resnet8_synthetic_paper_compare.json")
+    write_results({"attack": "compare", "model": watermarked["model"], "arch": "resnet8", "dataset": "synthetic",
+                   "method": "paper", "envelope": ["exact"], "weights_sha256": read_checkpoint(watermarked["model"])
+                   ["meta"]["weights_sha256"], "num_triggers": len(watermark.key), "config": {}, "versions": {},
+                   "device": "cpu", "wall_time_s": 0.0, "runs": [run]}, path)
+    return path, read_results(path)

@@ -1,0 +1,133 @@
+"""Fine-tuning, clean or BadNets-poisoned, the paper's attack, with the watermark recorded step by step.
+
+Records: before any step, after each of the early steps inside the first epoch, after every epoch.
+Verification runs after every step until the first detection, so its step is exact.
+"""
+import torch
+
+from ..core import distributed as dist
+from ..core.cli import progress_bar
+from ..core.data import to_float
+from ..core.devices import seed_everything
+from ..core.training import accuracy, grad_scaler, make_sgd, predict_logits, sgd_kernels, train_mode, train_steps
+from .context import watermark_state
+
+
+def stamp_patch(images, size, position, value):
+    """BadNets trigger: a size x size square of ``value`` (0-255) stamped on float images in [0, 1]."""
+    images = images.clone()
+    h, w = images.shape[-2:]
+    top = 0 if position.startswith("top") else h - size
+    left = 0 if position.endswith("left") else w - size
+    images[..., top:top + size, left:left + size] = value / 255.0
+    return images
+
+
+def attack_success_rate(model, ctx):
+    """Patched test images of every other class that the model puts in the target class."""
+    p = ctx.poison
+    keep = ctx.test.labels != p.target
+    patched = stamp_patch(to_float(ctx.test.images[keep]), p.patch_size, p.patch_position, p.patch_value)
+    preds = predict_logits(model, patched, ctx.eval_batch_size).argmax(1)
+    return (preds == p.target).float().mean().item()
+
+
+def poison_transform(p, gen, rank=0, world_size=1):
+    """Stamp the patch on a fraction of every batch (after augmentation, so the patch stays put) and
+    relabel those samples to the target class: BadNets poisoning mixed into clean data. Data parallel,
+    every rank draws for the whole global batch and keeps its slice, as the batches themselves are drawn."""
+    def transform(images, labels):
+        n = len(labels)
+        drawn = torch.rand(n * world_size, device=labels.device, generator=gen)
+        chosen = drawn[rank * n:(rank + 1) * n] < p.fraction
+        patched = stamp_patch(images, p.patch_size, p.patch_position, p.patch_value)
+        images = torch.where(chosen[:, None, None, None], patched, images)
+        return images, torch.where(chosen, torch.full_like(labels, p.target), labels)
+    return transform
+
+
+def measure(model, ctx, step, epoch, poisoned, extra_metrics=()):
+    """One record of a trajectory: watermark state, clean accuracy, and ASR when poisoning."""
+    record = {"step": step, "epoch": epoch, **watermark_state(model, ctx),
+              "clean_accuracy": accuracy(model, ctx.test, ctx.eval_batch_size)}
+    if poisoned:
+        record["attack_success_rate"] = attack_success_rate(model, ctx)
+    for name, fn in extra_metrics:
+        record[name] = fn(model)
+    return record
+
+
+# ----------------------------------------------------------------------------- fine-tuning
+
+def fine_tune(model, ctx, seed, epochs, poisoned=False, extra_metrics=(), phase="finetune", step_offset=0,
+              data=None):
+    """SGD fine-tuning of ``model`` in place with ``ctx.finetune``'s settings, recording the watermark step by
+    step; returns (records, first detection step). Under torchrun the steps are data parallel (DDP) and every
+    measurement runs on rank 0 while the others wait; the records and first detection are rank 0's (None on
+    the other ranks)."""
+    cfg = ctx.finetune
+    seed_everything(seed)
+    data = data or ctx.train
+    gen = torch.Generator(device=data.images.device)  # draws batches where the data lives
+    gen.manual_seed(seed)
+    poison_gen = torch.Generator(device=ctx.device)   # picks poisoned samples where the batch lives
+    poison_gen.manual_seed(seed + 1)
+    optimizer = make_sgd(model, cfg.lr, cfg.momentum, cfg.weight_decay, kernels=sgd_kernels(cfg.fused_optimizer),
+                         decay_all=cfg.decay_all)
+    scaler = grad_scaler(ctx.device, cfg.amp)   # fp16 autocast only: its loss scale carries across epochs
+    if cfg.channels_last and ctx.device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    train_model = dist.wrap(model, ctx.device)   # DDP under torchrun; measurements use the plain module
+    train_model = torch.compile(train_model) if cfg.compile else train_model
+    transform = poison_transform(ctx.poison, poison_gen, dist.rank(), dist.world_size()) if poisoned else None
+    steps_per_epoch = -(-len(data) // cfg.batch_size)
+    early = set(cfg.early_steps)
+
+    def record_at(step, epoch):
+        return dict(measure(model, ctx, step + step_offset, epoch, poisoned, extra_metrics), phase=phase)
+
+    records = [dist.on_main(record_at, 0, 0.0)]
+    first_detection = (0 if records[0]["detected"] else None) if dist.is_main() else None
+    # Until the first detection every step is verified: the other ranks learn whether it came (and so
+    # whether to wait for the next one) from rank 0.
+    undetected = first_detection is None
+    step = 0
+    for epoch in range(epochs):
+        steps = train_steps(train_model, optimizer, data, ctx.spec, gen, cfg.batch_size, ctx.device, cfg.amp,
+                            augmented=cfg.augment, batch_transform=transform, first_step=step,
+                            freeze_bn=cfg.freeze_bn, scaler=scaler, rank=dist.rank(), world_size=dist.world_size())
+        bar_on = ctx.progress and dist.is_main()
+        for step, loss, _, _ in progress_bar(steps, total=steps_per_epoch, desc=f"{phase} epoch {epoch + 1}/{epochs}",
+                                             enabled=bar_on):
+            if dist.any_across(undetected, ctx.device) and dist.on_main(watermark_detected, model, ctx):
+                first_detection = step + step_offset
+            undetected = dist.is_main() and first_detection is None
+            if epoch == 0 and step in early and step < steps_per_epoch:
+                records.append(dist.on_main(record_at, step, step / steps_per_epoch))
+            train_mode(model, cfg.freeze_bn)
+        if dist.any_across(not torch.isfinite(loss), ctx.device):
+            ctx.log(f"loss became {loss.item()} at epoch {epoch + 1}: stopping this run")
+            break
+        record = dist.on_main(record_at, step, float(epoch + 1))
+        records.append(record)
+        if dist.is_main():
+            ctx.log(f"  {phase} epoch {epoch + 1}/{epochs}: match rate {record['match_rate']:.2f} "
+                    f"({record['flipped']} flipped), clean acc {record['clean_accuracy']:.4f}"
+                    + (f", ASR {record['attack_success_rate']:.3f}" if poisoned else ""))
+    return (records if dist.is_main() else []), first_detection
+
+
+def watermark_detected(model, ctx):
+    return watermark_state(model, ctx)["detected"]
+
+
+def run_finetune(ctx, params, seed, poisoned=False):
+    """eval.py --attack finetune: ``ctx.finetune`` is its whole setting (``params`` is None)."""
+    model = ctx.fresh_copy()
+    records, first = fine_tune(model, ctx, seed, ctx.finetune.epochs, poisoned, ctx.extra_metrics)
+    return {"seed": seed, "records": records, "first_detection_step": first}, model
+
+
+def run_poison(ctx, params, seed):
+    """eval.py --attack poison: fine-tuning with ``ctx.poison``'s BadNets batches mixed in."""
+    return run_finetune(ctx, params, seed, poisoned=True)

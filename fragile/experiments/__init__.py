@@ -1,0 +1,1 @@
+"""Experiments built from the attacks: the benign-change matrix (false alarms) and the method comparison."""

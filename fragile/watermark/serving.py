@@ -1,0 +1,83 @@
+"""A watermarked checkpoint behind the Open Inference Protocol (KServe v2 REST), served by KServe's ModelServer.
+
+This is the deployment ``verify.py --url`` checks: ``serve.py`` starts it. The runtime reads the checkpoint
+the suite's one safe way (``load_classifier`` -> ``torch.load(weights_only=True)``): a checkpoint carrying
+pickled code is refused, never run. Requests carry one input tensor (N, C, H, W), UINT8 8-bit images or
+FP32 images in [0, 1]; answers carry "labels" (INT64, N) and "logits" (FP32, N x classes). ``precision``
+fp16 / bf16 serves the same weights in half precision, a benign deployment change the envelope covers.
+
+Needs requirements-serve.txt (KServe); nothing else in the suite imports this module.
+"""
+import numpy as np
+import torch
+from kserve import InferOutput, InferResponse, Model, ModelServer
+from kserve.errors import InvalidInput
+
+from ..core.io import load_classifier
+from ..core.devices import resolve_device, set_fast_math
+from .jitter import PRECISIONS, CastModel
+from ..core.training import predict_logits
+
+ACCEPTED_DATATYPES = ("UINT8", "FP32")
+
+
+class ServedClassifier:
+    """The framework-free core: checks a request's images and returns labels and logits."""
+
+    def __init__(self, path, precision="fp32", device="cpu"):
+        if precision not in ("fp32", *PRECISIONS):
+            raise ValueError(f"precision must be fp32, fp16 or bf16, not {precision!r}")
+        model, meta = load_classifier(path, resolve_device(device))
+        self.model = CastModel(model, PRECISIONS[precision]) if precision != "fp32" else model
+        self.meta, self.precision = meta, precision
+        set_fast_math(False)  # fp32 means fp32: no TF32 on a GPU
+
+    def check(self, array, datatype):
+        """One clear 400 for anything that is not a batch of this model's images."""
+        if datatype not in ACCEPTED_DATATYPES:
+            raise InvalidInput(f"input datatype must be one of {', '.join(ACCEPTED_DATATYPES)}, not {datatype}")
+        expected = tuple(self.meta["input_shape"])
+        if array.ndim != 4 or tuple(array.shape[1:]) != expected:
+            raise InvalidInput(f"input shape must be (N, {', '.join(map(str, expected))}), not {tuple(array.shape)}")
+        if datatype == "FP32" and not (np.isfinite(array).all() and array.min() >= 0 and array.max() <= 1):
+            raise InvalidInput("FP32 images must hold finite values in [0, 1]")
+
+    def infer(self, array, datatype):
+        self.check(array, datatype)
+        images = torch.from_numpy(np.ascontiguousarray(array))
+        logits = predict_logits(self.model, images, max(1, len(images))).cpu()
+        return logits.argmax(1).numpy().astype(np.int64), logits.numpy().astype(np.float32)
+
+
+class FragileModel(Model):
+    """The KServe model: v2 inference requests in, labels and logits out."""
+
+    def __init__(self, name, path, precision="fp32", device="cpu"):
+        super().__init__(name)
+        self.path, self.precision, self.device = path, precision, device
+        self.core = None
+
+    def load(self):
+        self.core = ServedClassifier(self.path, self.precision, self.device)
+        self.ready = True
+        return self.ready
+
+    async def predict(self, payload, headers=None, response_headers=None):
+        inputs = getattr(payload, "inputs", None)
+        if not inputs or len(inputs) != 1:
+            raise InvalidInput("send exactly one input tensor (the images)")
+        try:
+            array = inputs[0].as_numpy()
+        except Exception as e:  # malformed data of any kind: the client's fault, a 400
+            raise InvalidInput(f"input data does not match its shape and datatype: {e}") from None
+        labels, logits = self.core.infer(array, inputs[0].datatype)
+        outputs = [InferOutput("labels", list(labels.shape), "INT64", labels.tolist()),
+                   InferOutput("logits", list(logits.shape), "FP32", logits.tolist())]
+        return InferResponse(response_id=payload.id, model_name=self.name, infer_outputs=outputs)
+
+
+def serve(path, name, http_port, precision="fp32", device="cpu"):
+    """Load the checkpoint and serve it until interrupted (REST only: no gRPC port is opened)."""
+    model = FragileModel(name, path, precision, device)
+    model.load()
+    ModelServer(http_port=http_port, enable_grpc=False, workers=1).start([model])

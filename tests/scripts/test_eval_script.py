@@ -1,0 +1,131 @@
+"""eval.py as a user runs it: fine-tuning tracked step by step, the results schema, the tamper suite and the
+benign matrix through their flags, and bad input in one line."""
+import csv
+import json
+
+import pytest
+
+from conftest import run_script
+from fragile.core.results import read_results
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def finetune_and_poison(watermarked, tmp_path_factory):
+    out = tmp_path_factory.mktemp("results")
+    common = ["--model", watermarked["model"], "--epochs", 1, "--batch-size", 32, "--test-subset", 300,
+              "--device", "cpu", "--results-dir", out, "--no-progress"]
+    run_script("eval.py", *common, "--attack", "finetune")
+    run_script("eval.py", *common, "--attack", "poison", "--lr", 1e-2, "--poison-fraction", 0.2)
+    return {name: read_results(str(out / f"resnet8_synthetic_paper_{name}.json")) for name in ("finetune", "poison")}, out
+
+
+def test_clean_fine_tuning_breaks_the_watermark_within_the_first_epoch(finetune_and_poison):
+    results, _ = finetune_and_poison
+    run = results["finetune"]["runs"][0]
+    records = run["records"]
+    assert records[0]["step"] == 0 and records[0]["match_rate"] == 1.0 and not records[0]["detected"]
+    assert min(r["match_rate"] for r in records) < 1.0
+    assert run["first_detection_step"] is not None and 1 <= run["first_detection_step"] <= records[-1]["step"]
+    early = [r["step"] for r in records if 0 < r["epoch"] < 1]
+    assert early == [s for s in [1, 2, 5, 10, 20, 50, 100] if s < records[-1]["step"]]
+
+
+def test_poisoning_raises_the_attack_success_rate(finetune_and_poison):
+    records = finetune_and_poison[0]["poison"]["runs"][0]["records"]
+    before, after = records[0]["attack_success_rate"], records[-1]["attack_success_rate"]
+    assert after > before + 0.2 and after > 10 * before, (before, after)
+
+
+def test_results_schema(finetune_and_poison):
+    results, out = finetune_and_poison
+    r = results["finetune"]
+    for key in ("schema", "attack", "model", "arch", "dataset", "method", "weights_sha256", "num_triggers", "config",
+                "versions", "device", "wall_time_s", "runs"):
+        assert key in r
+    assert r["config"]["LR"] == 1e-3 and r["config"]["MOMENTUM"] == 0.9 and r["config"]["WEIGHT_DECAY"] == 1e-3
+    assert r["versions"]["torch_version"] and r["wall_time_s"] > 0
+    for record in r["runs"][0]["records"]:
+        assert {"step", "epoch", "match_rate", "flipped", "detected", "clean_accuracy"} <= set(record)
+        assert record["flipped"] == round((1 - record["match_rate"]) * r["num_triggers"])
+    rows = list(csv.DictReader(open(out / "resnet8_synthetic_paper_finetune.csv")))
+    assert len(rows) == len(r["runs"][0]["records"]) and rows[0]["seed"] == "0"
+
+
+def test_seeds_are_all_kept_and_rerun_replaces_the_file(watermarked, tmp_path):
+    args = ["--model", watermarked["model"], "--attack", "finetune", "--epochs", 1, "--train-subset", 300,
+            "--test-subset", 100, "--early-steps", "--device", "cpu", "--results-dir", tmp_path, "--no-progress"]
+    run_script("eval.py", *args, "--seeds", 0, 1)
+    path = tmp_path / "resnet8_synthetic_paper_finetune.json"
+    assert [run["seed"] for run in json.load(open(path))["runs"]] == [0, 1]
+    run_script("eval.py", *args, "--seeds", 2)
+    assert [run["seed"] for run in json.load(open(path))["runs"]] == [2]
+    assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temp files
+
+
+def test_eval_benign_flags_nothing_on_the_untouched_model(watermarked, tmp_path):
+    run_script("eval.py", "--model", watermarked["model"], "--attack", "benign", "--device", "cpu",
+               "--results-dir", tmp_path, "--no-progress")
+    results = read_results(str(tmp_path / "resnet8_synthetic_paper_benign.json"))
+    records = results["runs"][0]["records"]
+    settings = {r["setting"] for r in records}
+    assert {"batch size 1", "1 thread", "checkpoint round trip", "tensor triggers (triggers.pt) vs PNG"} <= settings
+    assert not any(r["detected"] for r in records)
+    assert all("max_logit_jitter" in r for r in records)
+    assert results["runs"][0]["false_alarms"] == 0
+
+
+def test_eval_benign_covers_the_requested_envelope(watermarked, tmp_path):
+    run_script("eval.py", "--model", watermarked["model"], "--attack", "benign", "--device", "cpu",
+               "--envelope", "batch", "bf16", "--results-dir", tmp_path, "--no-progress")
+    run = read_results(str(tmp_path / "resnet8_synthetic_paper_benign.json"))["runs"][0]
+    entries = {r["setting"]: r["envelope_entry"] for r in run["records"]}
+    assert entries["bf16"] == entries["bf16, batch size 1"] == "bf16" and entries["batch size 16"] == "batch"
+    assert "1 thread" not in entries and "channels_last" not in entries
+    assert sum(s["false_alarms"] for s in run["per_entry"].values()) == run["false_alarms"]
+
+
+def test_eval_and_plot_table_end_to_end(watermarked, tmp_path):
+    common = ["--model", watermarked["model"], "--device", "cpu", "--test-subset", 200, "--results-dir", tmp_path,
+              "--no-progress"]
+    run_script("eval.py", *common, "--attack", "noise", "--noise-sigmas", 0, 0.2, "--noise-trials", 2)
+    run_script("eval.py", *common, "--attack", "quantize", "--quantize-modes", "fp16", "int8")
+    noise = read_results(str(tmp_path / "resnet8_synthetic_paper_noise.json"))
+    assert [r["setting"] for r in noise["runs"][0]["records"]] == ["sigma=0e+00", "sigma=2e-01"]
+    figures = tmp_path / "figures"
+    run_script("plot.py", "--results-dir", tmp_path, "--figures-dir", figures, "--table", "--no-trigger-grid")
+    rows = list(csv.DictReader(open(figures / "summary.csv")))
+    assert [(r["attack"], r["setting"]) for r in rows] == [("noise", "sigma=0e+00"), ("noise", "sigma=2e-01"),
+                                                            ("quantize", "fp16"), ("quantize", "int8")]
+    assert rows[0]["triggers_flipped"] == "0.0" and rows[0]["detected"] == "False"
+    assert "| noise | sigma=0e+00 | 0/30 | no |" in (figures / "summary.md").read_text()
+    assert (figures / "tamper_detection_vs_sigma.png").stat().st_size > 0
+    assert (figures / "tamper_detection_vs_sigma.pdf").stat().st_size > 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--attack", "noise", "--noise-sigmas", -1], "--noise-sigmas values must lie in"),
+    (["--attack", "noise", "--noise-trials", 0], "--noise-trials must be a positive integer"),
+    (["--attack", "obfuscate", "--obfuscate-ks"], "--obfuscate-ks needs at least one value"),
+    (["--attack", "restore"], "needs a model trained with `train.py --backdoor-watermark`"),
+    (["--attack", "fine-prune", "--fine-prune-poisoned-model", "missing.pt"], "checkpoint not found: missing.pt"),
+])
+def test_bad_input_is_one_error_line(watermarked, tmp_path, args, message):
+    proc = run_script("eval.py", "--model", watermarked["model"], "--device", "cpu", "--results-dir", tmp_path,
+                      "--test-subset", 100, "--train-subset", 100, "--fine-prune-epochs", 0, *args, check=False)
+    assert proc.returncode == 2 and message in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+
+
+def test_a_trigger_set_named_by_its_tensor_file_finds_its_key(watermarked, tmp_path):
+    run_script("eval.py", "--model", watermarked["model"], "--attack", "prune", "--prune-ratios", 0.5, "--device", "cpu",
+               "--triggers", f"{watermarked['triggers']}/triggers.pt", "--test-subset", 100, "--results-dir", tmp_path,
+               "--no-progress")
+    results = read_results(str(tmp_path / "resnet8_synthetic_paper_prune.json"))
+    assert results["num_triggers"] == 30 and results["runs"][0]["records"][0]["ratio"] == 0.5
+
+
+def test_every_attack_is_a_choice_and_an_unknown_one_is_refused(watermarked):
+    proc = run_script("eval.py", "--model", watermarked["model"], "--attack", "nope", check=False)
+    assert proc.returncode == 2 and "invalid choice" in proc.stderr and "'compare'" in proc.stderr
