@@ -56,7 +56,7 @@ attack() {  # attack NAME [FLAGS...]
 }
 
 attack finetune
-# BadNets strong enough to take on 5000 images (ASR ~0.9): 20% poisoned, lr 2e-2, 3 epochs
+# BadNets strong enough to take on 5000 images: 20% poisoned, lr 2e-2, 3 epochs (docs/tampering.md: its ASR)
 attack poison --epochs 3 --lr 0.02 --poison-fraction 0.2 --save-tampered "$OUT/poisoned.pt"
 attack fine-prune --fine-prune-poisoned-model "$OUT/poisoned.pt"
 attack restore

@@ -120,8 +120,8 @@ def synthetic_split(spec, train, n=None, seed=1234):
     n = n or (5000 if train else 1000)
     c, h, w = spec.shape
     gen = torch.Generator().manual_seed(seed)  # prototypes: shared by both splits
-    # Low-contrast prototypes and strong structured noise: classes overlap, so a tiny model ends
-    # near 85-90% rather than at a trivially confident 100%.
+    # Low-contrast prototypes and strong structured noise: classes overlap, so a tiny model learns them
+    # without becoming trivially confident (triggers need boundaries to sit near).
     protos = 0.3 + 0.4 * F.interpolate(torch.rand(spec.num_classes, c, 4, 4, generator=gen), size=(h, w),
                                        mode="bilinear", align_corners=False)
     gen = torch.Generator().manual_seed(seed + (1 if train else 2))
