@@ -91,11 +91,11 @@ class EvalContext:
 def watermark_state(model, ctx):
     """Flipped count, match rate, verdict; with the trigger set's recorded query order, also how many
     single queries a verifier asking the most fragile triggers first would need to see a mismatch."""
-    labels = query_labels(model, ctx.triggers)
-    flipped = int((labels != ctx.key).sum())
+    flipped_mask = query_labels(model, ctx.triggers) != ctx.key
+    flipped = int(flipped_mask.sum())
     state = {"flipped": flipped, "match_rate": 1 - flipped / len(ctx.key), "detected": flipped > ctx.max_mismatches}
     if ctx.query_order:
-        state["queries_in_fragility_order"] = queries_to_detection(labels != ctx.key, ctx.query_order)
+        state["queries_in_fragility_order"] = queries_to_detection(flipped_mask, ctx.query_order)
     return state
 
 

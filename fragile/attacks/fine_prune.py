@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from ..core.cli import UserError
+from ..core.data import to_float
 from ..core.io import read_checkpoint
 from ..watermark.verify import expected_queries
 from .context import positive_int, state_record
@@ -43,7 +44,7 @@ def mean_channel_activation(model, images, batch_size):
     try:
         model.eval()
         for start in range(0, len(images), batch_size):
-            model(images[start:start + batch_size].float().div(255))
+            model(to_float(images[start:start + batch_size]))
     finally:
         handle.remove()
     return torch.cat(pooled).mean(0).cpu()

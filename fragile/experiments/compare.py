@@ -136,12 +136,13 @@ def run_comparison(ctx, p, seed):
             ctx.log(f"    {label}: {sum(r['flipped'] for r in rows) / len(rows) / len(ctx.key):.0%} of triggers "
                     f"flipped, detected in {sum(r['detected'] for r in rows)}/{len(rows)}")
         records += new
-    benign, meta = benign_run_records(ctx, p.benign), ctx.trigger_meta   # delta, PSNR, margins: from generation
+    benign = benign_run_records(ctx, p.benign)
     for r in benign:
         r["attack"] = "benign"
     summary = summarize_benign(benign)
     ctx.log(f"    benign matrix: {summary['false_alarms']} false alarms in {summary['settings']} settings, "
             f"largest jitter {summary['max_logit_jitter']:.2e}")
     records += benign
+    meta = ctx.trigger_meta   # delta, PSNR and margins, as recorded at generation
     return {"seed": seed, "records": records, "benign": summary, "delta": meta.get("delta"),
             "psnr_to_start": meta.get("psnr_to_start"), "trigger_margins": meta.get("margins")}, None
