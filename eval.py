@@ -81,6 +81,7 @@ COMPARE_OBFUSCATE_SCALE = 10.0     # obfuscated weights move this many standard 
 # output
 RESULTS_DIR = "results"
 SAVE_TAMPERED = ""         # write the (last seed's) tampered model here, for verify.py
+OVERWRITE = False          # replace an existing results file (or --save-tampered checkpoint)
 PROGRESS = True
 # -----------------------------------------------------------------------------
 
@@ -90,22 +91,66 @@ import torch
 
 from fragile.attacks.context import EvalContext, FinetuneParams, PoisonParams
 from fragile.core import distributed as dist
-from fragile.core.cli import UserError, apply_overrides, from_header, run_main
+from fragile.core.cli import UserError, apply_overrides, check_nonempty, check_range, from_header, run_main
 from fragile.core.data import DATASETS, balanced_subset, get_spec, load_split
 from fragile.core.devices import describe_device, resolve_device, set_fast_math, versions
-from fragile.core.io import default_checkpoint_path, load_classifier, read_checkpoint, save_classifier
-from fragile.core.results import results_path, write_results
+from fragile.core.io import (check_writable, check_writable_dir, default_checkpoint_path, load_classifier,
+                             read_checkpoint, refuse_existing, save_classifier)
+from fragile.core.results import claim_results, results_path, write_results
 from fragile.experiments.registry import ATTACKS, DATA_PARALLEL
 from fragile.watermark.jitter import ENVELOPE_ENTRIES
 from fragile.watermark.paths import load_watermark, tensor_file, triggers_path
-from fragile.watermark.verify import check_compatible
+from fragile.watermark.verify import check_compatible, check_tolerance, query_labels
 from models import ARCHS
+
+
+def check_settings():
+    """The numbers every attack shares, checked before any work (each attack checks its own)."""
+    check_nonempty("--seeds", SEEDS)
+    if len(set(SEEDS)) != len(SEEDS):
+        raise UserError(f"--seeds repeats a seed ({' '.join(map(str, SEEDS))}): each run needs its own")
+    check_range("--epochs", EPOCHS, 0)
+    check_range("--batch-size", BATCH_SIZE, 1)
+    check_range("--eval-batch-size", EVAL_BATCH_SIZE, 1)
+    check_range("--train-subset", TRAIN_SUBSET, 0)
+    check_range("--test-subset", TEST_SUBSET, 0)
+    check_range("--lr", LR, 0)
+    check_range("--momentum", MOMENTUM, 0, 1, high_open=True)
+    check_range("--weight-decay", WEIGHT_DECAY, 0)
+    check_range("--max-mismatches", MAX_MISMATCHES, 0)
+    check_range("--poison-fraction", POISON_FRACTION, 0, 1)
+    check_range("--patch-value", PATCH_VALUE, 0, 255)
+    check_range("--patch-size", PATCH_SIZE, 1)
+
+
+def check_outputs():
+    """Where the results and the tampered model go, checked before the attack runs."""
+    check_writable_dir(RESULTS_DIR, "--results-dir")
+    if SAVE_TAMPERED:
+        check_writable(SAVE_TAMPERED, "--save-tampered")
+        refuse_existing(SAVE_TAMPERED, OVERWRITE, "checkpoint", "--save-tampered")
+
+
+def check_made_for(model, model_meta, watermark, device):
+    """The triggers must be this model's: the weights hash they were made for is the one computed from the weights
+    loaded, and the untouched model labels every trigger as the key does. Otherwise every attack would report a
+    detection that was there before it started."""
+    bound = watermark.meta.get("weights_sha256")
+    if bound and bound != model_meta["weights_sha256"]:
+        raise UserError(f"the triggers {watermark.triggers_path} were made for weights {bound[:16]}…, not this "
+                        f"model's {model_meta['weights_sha256'][:16]}…: pass --model the watermarked checkpoint, or "
+                        f"--triggers/--method the set made for this one")
+    off = int((query_labels(model, watermark.triggers.to(device)) != torch.tensor(watermark.key)).sum())
+    if off:
+        raise UserError(f"the untouched model already disagrees with the key on {off} of {len(watermark.key)} "
+                        f"triggers: these triggers were not made for it")
 
 
 def main():
     config = apply_overrides(globals(), __doc__, choices={"DATASET": list(DATASETS), "ARCH": list(ARCHS),
                                                            "ATTACK": list(ATTACKS), "ENVELOPE": ENVELOPE_ENTRIES,
                                                            "BACKEND": list(dist.BACKENDS)})
+    check_settings()
     device = dist.setup(BACKEND, resolve_device(DEVICE), [("batch-size", BATCH_SIZE)])
     if dist.world_size() > 1 and ATTACK not in DATA_PARALLEL:
         raise UserError(f"--attack {ATTACK} does not run data parallel: under torchrun only "
@@ -117,12 +162,15 @@ def main():
     model, model_meta = load_classifier(model_path, device)
     watermark = load_watermark(triggers_path(model_path, METHOD, TRIGGERS), KEY)
     check_compatible(watermark.triggers, watermark.key, model_meta["input_shape"], model_meta["num_classes"])
+    check_tolerance(MAX_MISMATCHES, len(watermark.key))
+    check_made_for(model, model_meta, watermark, device)
     spec = get_spec(model_meta["dataset"])
     method = watermark.meta.get("method", METHOD)
     out = results_path(RESULTS_DIR, model_meta, method, ATTACK)
-    train = balanced_subset(load_split(spec, DATA_DIR, True), TRAIN_SUBSET, spec.num_classes)
-    train = train.to(device if DATA_ON_DEVICE else "cpu")
-    test = balanced_subset(load_split(spec, DATA_DIR, False), TEST_SUBSET, spec.num_classes).to(device)
+    if dist.is_main():   # rank 0 alone writes
+        check_outputs()
+        claim_results(out, OVERWRITE)
+    train, test = dist.local_main_first(load_splits, spec, device)
     ctx = EvalContext(model, spec, train, test, watermark.triggers.to(device), torch.tensor(watermark.key), device,
                       finetune=from_header(FinetuneParams, globals()), poison=from_header(PoisonParams, globals()),
                       max_mismatches=MAX_MISMATCHES, eval_batch_size=EVAL_BATCH_SIZE,
@@ -145,6 +193,15 @@ def main():
                "wall_time_s": round(time.time() - started, 2), "runs": runs}
     dist.on_main(write_outputs, results, out, tampered, model_meta)
     dist.cleanup()
+
+
+def load_splits(spec, device):
+    """The fine-tuning and test splits (class-balanced subsets when asked), on their devices."""
+    train = balanced_subset(load_split(spec, DATA_DIR, True), TRAIN_SUBSET, spec.num_classes)
+    test = balanced_subset(load_split(spec, DATA_DIR, False), TEST_SUBSET, spec.num_classes)
+    return train.to(device if DATA_ON_DEVICE else "cpu"), test.to(device)
+
+
 def write_outputs(results, out, tampered, model_meta):
     """Results JSON and CSV, and the tampered model when asked (rank 0 alone under torchrun)."""
     write_results(results, out)

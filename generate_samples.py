@@ -17,6 +17,7 @@ NUM_TRIGGERS = 100
 KEY_SEED = -1              # -1: key from the OS's secure random source; >=0: reproducible key
 OUT = ""                   # trigger folder; default <checkpoint stem>_triggers_<method>
 KEY_OUT = ""               # key file; default <checkpoint stem>_key_<method>.json
+OVERWRITE = False          # replace an existing trigger set and key (only once the new pair is complete)
 DATA_DIR = "data"          # test images for the accuracy check (and natural-image methods)
 DEVICE = "auto"
 ENVELOPE = ["exact"]       # benign deployment changes accepted: exact fp16 bf16 batch threads channels_last cuda
@@ -57,21 +58,23 @@ MARGIN_SURROGATE_GAP = 0.3         # margin: on each surrogate another class bea
 PROGRESS = True
 # -----------------------------------------------------------------------------
 
+import os
+
 import torch
 
 from fragile.core import distributed as dist
-from fragile.core.cli import UserError, apply_overrides, apply_preset, from_header, run_main
+from fragile.core.cli import UserError, apply_overrides, apply_preset, check_range, from_header, run_main
 from fragile.core.data import DATASETS, get_spec, load_split
 from fragile.core.devices import describe_device, resolve_device, set_fast_math
-from fragile.core.io import default_checkpoint_path, load_classifier, model_sha256
+from fragile.core.io import check_writable, default_checkpoint_path, load_classifier, model_sha256, refuse_existing
 from fragile.core.training import accuracy
 from fragile.watermark import methods
 from fragile.watermark.jitter import ENVELOPE_ENTRIES, resolve_envelope
-from fragile.watermark.keys import make_key, save_key
+from fragile.watermark.keys import key_payload, key_sha256, make_key
 from fragile.watermark.methods.fragility import FragilityParams, fragility_order
 from fragile.watermark.methods.paper import RECIPES
-from fragile.watermark.paths import default_paths
-from fragile.watermark.trigger_io import load_triggers, save_triggers, trigger_meta
+from fragile.watermark.paths import default_paths, finish_interrupted_swap, save_watermark
+from fragile.watermark.trigger_io import MAX_TRIGGERS, load_triggers, trigger_meta
 from fragile.watermark.verify import labels_and_margins, margin_summary
 from models import ARCHS
 
@@ -80,11 +83,47 @@ def fingerprint(model, test):
     return model_sha256(model), accuracy(model, test)
 
 
+def check_settings():
+    """The numbers every method reads, checked before the model or data are loaded."""
+    check_range("--num-triggers", NUM_TRIGGERS, 1, MAX_TRIGGERS)
+    check_range("--max-steps", MAX_STEPS, 1)
+    check_range("--lr", LR, 0, low_open=True)
+    check_range("--lambda", LAMBDA, 0)
+    check_range("--latent-dim", LATENT_DIM, 1)
+    check_range("--gen-channels", GEN_CHANNELS, 1)
+    check_range("--ftg-steps", FTG_STEPS, 1)
+    check_range("--ftg-step-size", FTG_STEP_SIZE, 0, low_open=True)
+    check_range("--margin-safety", MARGIN_SAFETY, 0, low_open=True)
+    check_range("--margin-band", MARGIN_BAND, 1)
+    check_range("--margin-steps", MARGIN_STEPS, 0)
+    check_range("--margin-pool", MARGIN_POOL, 1)
+    check_range("--margin-select-draws", MARGIN_SELECT_DRAWS, 1)
+    check_range("--margin-noise-sigma", MARGIN_NOISE_SIGMA, 0, low_open=True)
+    check_range("--margin-surrogates", MARGIN_SURROGATES, 0)
+
+
+def output_paths(model_path):
+    """The trigger folder and key file, checked before any work: a swap an earlier run left unfinished is put
+    right, an existing pair is replaced only with --overwrite, and both folders must be writable."""
+    out, key_out = default_paths(model_path, METHOD)
+    out, key_out = OUT or out, KEY_OUT or key_out
+    fixed = finish_interrupted_swap(out, key_out)
+    if fixed:
+        print(f"note: an interrupted run left its swap unfinished at {out}: {fixed} "
+              f"({'the new set is in place' if fixed == 'finished' else 'the previous set is back'})")
+    refuse_existing(out, OVERWRITE, "trigger set")
+    refuse_existing(key_out, OVERWRITE, "key file", "--key-out")
+    check_writable(os.path.join(out, "meta.json"))
+    check_writable(key_out, "--key-out")
+    return out, key_out
+
+
 def main():
     config = apply_overrides(globals(), __doc__, choices={"DATASET": list(DATASETS), "ARCH": list(ARCHS),
                                                            "METHOD": list(methods.METHODS), "RECIPE": list(RECIPES),
                                                            "ENVELOPE": ENVELOPE_ENTRIES})
     config = apply_preset(globals(), config, RECIPES[RECIPE])
+    check_settings()
     resolve_envelope(ENVELOPE)  # a bad entry fails now, not after the model and data are loaded
     device = dist.setup("auto", resolve_device(DEVICE))
     dist.on_main(generate, config, device)   # under torchrun: rank 0 alone, the others wait
@@ -96,8 +135,7 @@ def generate(config, device):
     model_path = MODEL or default_checkpoint_path(ARCH, DATASET)
     model, model_meta = load_classifier(model_path, device)
     spec = get_spec(model_meta["dataset"])
-    out, key_out = default_paths(model_path, METHOD)
-    out, key_out = OUT or out, KEY_OUT or key_out
+    out, key_out = output_paths(model_path)
     params_class = methods.METHODS[METHOD].params
     params = from_header(params_class, globals()) if params_class else None
     test = load_split(spec, DATA_DIR, train=False).to(device)
@@ -111,24 +149,27 @@ def generate(config, device):
     job = methods.TriggerJob(model, spec, key, device, test, train, progress=PROGRESS)
     triggers, info = methods.generate(METHOD, job, params)
 
-    # Accept only what will be deployed: the PNGs, read back from disk, must all carry their key labels.
-    save_key(key_out, key, spec.num_classes, source)
     fragility = from_header(FragilityParams, globals())
     order, flip_rate = fragility_order(model, triggers.to(device), key, fragility)
-    meta = trigger_meta(model_meta, key_out, METHOD, config, info.pop("meta", {}))
+    meta = trigger_meta(model_meta, key_out, key_sha256(key), METHOD, config, info.pop("meta", {}))
     meta.update(query_order=order, estimated_flip_rate_mean=flip_rate.mean().item(), envelope=list(ENVELOPE))
-    save_triggers(out, triggers, meta, extra=info)
-    from_png, _ = load_triggers(out)
-    labels, margins = labels_and_margins(model, from_png.to(device))
-    wrong = (labels != torch.tensor(key)).sum().item()
-    if not torch.equal(from_png, triggers.cpu()) or wrong:
-        raise UserError(f"{wrong} triggers lost their key label after the PNG round trip; not accepted")
+    margins = {}
+
+    def accept(staged):
+        """Accept only what will be deployed: the PNGs, read back from disk, must all carry their key labels."""
+        from_png, _ = load_triggers(staged)
+        labels, margins["all"] = labels_and_margins(model, from_png.to(device))
+        wrong = (labels != torch.tensor(key)).sum().item()
+        if not torch.equal(from_png, triggers.cpu()) or wrong:
+            raise UserError(f"{wrong} of {len(key)} triggers lost their key label after the PNG round trip; not "
+                            f"accepted (nothing was replaced)")
+    save_watermark(out, key_out, triggers, meta, key_payload(key, spec.num_classes, source), extra=info, check=accept)
 
     sha_after, acc_after = fingerprint(model, test)
     print(f"after:  weights sha256 {sha_after}  test accuracy {acc_after:.4f}")
     if (sha_after, acc_after) != (sha_before, acc_before):
         raise UserError("the model changed during trigger generation (this is a bug)")
-    s = margin_summary(margins)
+    s = margin_summary(margins["all"])
     print(f"{len(key)} triggers ({METHOD}), all on their key labels after 8-bit PNG export")
     print(f"top-1 minus runner-up logit margin: min {s['min']:.3g}  median {s['median']:.3g}  "
           f"mean {s['mean']:.3g}  max {s['max']:.3g}")
@@ -144,4 +185,5 @@ def generate(config, device):
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main, interrupted="interrupted; the trigger set and key already on disk (if any) are unchanged: a new "
+                               "pair replaces them only once it is complete")

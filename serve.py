@@ -10,15 +10,30 @@ is read with torch.load(weights_only=True), as everywhere in this suite.
 # ----------------------------------------------------------------------------- config
 MODEL = ""                 # the checkpoint to serve (required)
 MODEL_NAME = "fragile-wm"  # served as /v2/models/<name>
+HOST = "127.0.0.1"         # the address to listen on: loopback by default; 0.0.0.0 serves every network (no authentication)
 HTTP_PORT = 8080
 PRECISION = "fp32"         # fp32 | fp16 | bf16: half precision is a benign deployment change (generate_samples.py --envelope)
 DEVICE = "cpu"
 # -----------------------------------------------------------------------------
 
+import ipaddress
+import socket
 import sys
 
 from fragile.core.cli import UserError, apply_overrides, run_main
 from fragile.core.io import read_checkpoint
+
+
+def check_host(host):
+    """The listen address, resolved now (one error line for a bad one); a warning line when it is not loopback."""
+    try:
+        address = socket.getaddrinfo(host, None)[0][4][0]
+    except (socket.gaierror, UnicodeError):
+        raise UserError(f"--host {host!r} is not an address or name this machine can listen on") from None
+    if not ipaddress.ip_address(address.split("%")[0]).is_loopback:
+        print(f"warning: --host {host} serves the model beyond this machine, to anyone who reaches the port: this "
+              f"server has no authentication (put it behind one, or keep the default 127.0.0.1)", file=sys.stderr,
+              flush=True)
 
 
 def main():
@@ -27,6 +42,7 @@ def main():
         raise UserError("--model is required")
     if not 0 < HTTP_PORT < 65536:
         raise UserError(f"--http-port must be 1..65535, not {HTTP_PORT}")
+    check_host(HOST)
     read_checkpoint(MODEL)  # a missing, corrupt or unsafe checkpoint fails here, in one line
     sys.argv = sys.argv[:1]  # KServe parses the command line when imported: it must not see these flags
     try:
@@ -35,9 +51,9 @@ def main():
         if e.name and e.name.split(".")[0] == "kserve":
             raise UserError("serving needs KServe: pip install -r requirements-serve.txt") from None
         raise
-    print(f"serving {MODEL} as {MODEL_NAME!r} ({PRECISION}) on http://0.0.0.0:{HTTP_PORT}/v2/models/{MODEL_NAME}",
+    print(f"serving {MODEL} as {MODEL_NAME!r} ({PRECISION}) on http://{HOST}:{HTTP_PORT}/v2/models/{MODEL_NAME}",
           flush=True)
-    serving.serve(MODEL, MODEL_NAME, HTTP_PORT, PRECISION, DEVICE)
+    serving.serve(MODEL, MODEL_NAME, HOST, HTTP_PORT, PRECISION, DEVICE)
 
 
 if __name__ == "__main__":

@@ -38,12 +38,14 @@ FUSED_OPTIMIZER = True       # fused (GPU) / foreach optimizer kernels
 COMPILE = False              # torch.compile the model
 EVAL_BATCH_SIZE = 1024
 OUT = ""                     # checkpoint path; default checkpoints/<arch>_<dataset>.pt
+OVERWRITE = False            # replace an existing checkpoint at OUT (its trigger sets will no longer verify)
 RESUME = False               # continue from <out>.resume.pt (written every epoch)
 BACKDOOR_WATERMARK = False   # also embed a robust (Adi et al. 2018) backdoor watermark while training
 BACKDOOR_TRIGGERS = 100      # size of that robust trigger set
 PROGRESS = True              # tqdm progress bars
 # -----------------------------------------------------------------------------
 
+import glob
 import json
 import math
 import os
@@ -52,10 +54,11 @@ import time
 import torch
 
 from fragile.core import distributed as dist
-from fragile.core.cli import UserError, apply_overrides, apply_preset, progress_bar, run_main
+from fragile.core.cli import UserError, apply_overrides, apply_preset, check_range, progress_bar, run_main
 from fragile.core.data import DATASETS, device_generator, load_dataset
 from fragile.core.devices import describe_device, resolve_device, seed_everything, set_fast_math, versions
-from fragile.core.io import check_writable, default_checkpoint_path, read_checkpoint, save_classifier
+from fragile.core.io import (atomic_write_text, check_writable, default_checkpoint_path, read_checkpoint,
+                             save_classifier)
 from fragile.core.training import (RECIPES, SCHEDULES, accuracy, capture_rng, grad_scaler, lr_at, make_sgd,
                                    prepare_model, recipe_settings, restore_rng, sgd_kernels, train_steps)
 from fragile.watermark import robust
@@ -71,14 +74,54 @@ def log_path(out):
 
 
 def read_resume(out):
-    """The interrupted run's checkpoint, refused when it is for another model or dataset."""
-    if not os.path.exists(resume_path(out)):
-        raise UserError(f"--resume: no interrupted run to continue at {resume_path(out)}")
-    payload = read_checkpoint(resume_path(out))
+    """The interrupted run's checkpoint, refused when it is for another model or dataset, or is not a resume file."""
+    path = resume_path(out)
+    if not os.path.exists(path):
+        raise UserError(f"--resume: no interrupted run to continue at {path}")
+    payload = read_checkpoint(path, "resume file")
     if payload["meta"].get("arch") != ARCH or payload["meta"].get("dataset") != DATASET:
-        raise UserError(f"--resume: {resume_path(out)} is for {payload['meta'].get('arch')} on "
+        raise UserError(f"--resume: {path} is for {payload['meta'].get('arch')} on "
                         f"{payload['meta'].get('dataset')}, not {ARCH} on {DATASET}")
+    state = payload.get("train_state")
+    if not isinstance(state, dict) or not all(k in state for k in ("optimizer", "rng", "epoch", "elapsed")):
+        raise UserError(f"--resume: {path} holds no training state (a finished checkpoint, not a resume file): "
+                        f"train afresh with --overwrite")
     return payload
+
+
+def check_settings():
+    """Every number checked before any work starts: one error line naming the flag."""
+    check_range("--epochs", EPOCHS, 1)
+    check_range("--batch-size", BATCH_SIZE, 1)
+    check_range("--eval-batch-size", EVAL_BATCH_SIZE, 1)
+    check_range("--train-subset", TRAIN_SUBSET, 0)
+    check_range("--lr", LR, 0, low_open=True)
+    check_range("--momentum", MOMENTUM, 0, 1, high_open=True)
+    check_range("--weight-decay", WEIGHT_DECAY, 0)
+    check_range("--warmup-epochs", WARMUP_EPOCHS, 0)
+    check_range("--label-smoothing", LABEL_SMOOTHING, 0, 1, high_open=True)
+    check_range("--backdoor-triggers", BACKDOOR_TRIGGERS, 1)
+
+
+def check_output(out):
+    """The checkpoint is written only where it may be: a file path in a writable folder, and never over an existing
+    checkpoint (whose trigger sets would stop verifying) unless --overwrite or --resume says so."""
+    check_writable(out)
+    if os.path.exists(out) and not (OVERWRITE or RESUME):
+        stem = out[:-3] if out.endswith(".pt") else out
+        triggers = sorted(glob.glob(glob.escape(stem) + "_triggers_*"))
+        has = f" and has trigger sets ({', '.join(os.path.basename(t) for t in triggers)}), which would no " \
+              f"longer verify" if triggers else ""
+        raise UserError(f"checkpoint {out} exists{has}: pass --overwrite to replace it, or --out elsewhere")
+    if os.path.exists(resume_path(out)) and not (OVERWRITE or RESUME):
+        raise UserError(f"an interrupted run left {resume_path(out)}: pass --resume to continue it, or --overwrite "
+                        f"to start afresh")
+
+
+def restore_log(out, records):
+    """The training log as the resume file recorded it: a run killed between an epoch's log line and its resume
+    file would otherwise log that epoch twice."""
+    atomic_write_text("".join(json.dumps(r) + "\n" for r in records), log_path(out))
 
 
 def epoch_totals(loss_sum, correct, seen):
@@ -95,14 +138,16 @@ def main():
     out = OUT or default_checkpoint_path(ARCH, DATASET)
     device = resolve_device(DEVICE)
     config = apply_preset(globals(), config, recipe_settings(RECIPE, device))
+    check_settings()
     device = dist.setup(BACKEND, device, [("batch-size", BATCH_SIZE)])
     if dist.is_main():  # only rank 0 writes
-        check_writable(out)
+        check_output(out)
     if SYNC_BN and device.type != "cuda":
         raise UserError("--sync-bn needs GPUs: torch's SyncBatchNorm does not run on the CPU")
     set_fast_math(FAST_MATH and device.type == "cuda")
     seed_everything(SEED)
-    spec, train, test = load_dataset(DATASET, DATA_DIR, device if DATA_ON_DEVICE else "cpu", TRAIN_SUBSET, SEED)
+    spec, train, test = dist.local_main_first(load_dataset, DATASET, DATA_DIR, device if DATA_ON_DEVICE else "cpu",
+                                              TRAIN_SUBSET, SEED)
     print(f"{DATASET}: {len(train)} train / {len(test)} test images {spec.shape}, {ARCH} on {describe_device(device)}")
 
     model = build_classifier(ARCH, spec)
@@ -119,7 +164,7 @@ def main():
     steps_per_epoch = -(-len(train) // BATCH_SIZE)
     total_steps = EPOCHS * steps_per_epoch
     warmup = int(min(WARMUP_EPOCHS, 0.2 * EPOCHS) * steps_per_epoch)  # short runs still decay
-    start_epoch, elapsed, test_acc = 0, 0.0, None
+    start_epoch, elapsed, test_acc, log_records = 0, 0.0, None, []
 
     if RESUME:
         payload = dist.broadcast_from_main(read_resume(out) if dist.is_main() else None)  # rank 0's file
@@ -130,6 +175,9 @@ def main():
         if payload["train_state"].get("scaler"):  # empty when saved without fp16 loss scaling
             scaler.load_state_dict(payload["train_state"]["scaler"])
         test_acc = payload["meta"].get("test_accuracy")  # a run stopped after its last epoch saves this one
+        log_records = list(payload["train_state"].get("log", []))
+        if dist.is_main() and "log" in payload["train_state"]:
+            restore_log(out, log_records)
         print(f"resuming {resume_path(out)} after epoch {start_epoch}")
     elif os.path.exists(log_path(out)) and dist.is_main():
         os.remove(log_path(out))  # a fresh run starts a fresh log
@@ -172,13 +220,14 @@ def main():
                           test_accuracy=test_acc, seconds=round(seconds, 2), lr=optimizer.param_groups[0]["lr"])
             if backdoor:
                 record["backdoor_accuracy"] = robust.trigger_accuracy(model, backdoor)
+            log_records.append(record)
             with open(log_path(out), "a") as f:
                 f.write(json.dumps(record) + "\n")
             print(json.dumps(record))
             save_classifier(resume_path(out), model, meta(epoch + 1, test_acc),
                             train_state={"optimizer": optimizer.state_dict(), "rng": capture_rng(gen),
                                          "scaler": scaler.state_dict(),
-                                         "epoch": epoch + 1, "elapsed": seconds},
+                                         "epoch": epoch + 1, "elapsed": seconds, "log": log_records},
                             backdoor=robust.to_payload(backdoor))
             return test_acc, seconds
         test_acc, elapsed = dist.on_main(end_of_epoch) or (None, elapsed + time.time() - t0)

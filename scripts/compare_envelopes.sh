@@ -47,12 +47,12 @@ for envelope in "${LIST[@]}"; do
         # shellcheck disable=SC2086
         "$PYTHON" generate_samples.py --model "$MODEL" --method "$METHOD" --num-triggers "$NUM_TRIGGERS" \
             --key-seed "$KEY_SEED" --device "$DEVICE" --envelope $envelope --out "$triggers" --key-out "$key" \
-            --no-progress
+            --no-progress --overwrite
     fi
     echo "== compare: $METHOD, envelope $envelope"
     # shellcheck disable=SC2086
     "$PYTHON" eval.py --model "$MODEL" --method "$METHOD" --triggers "$triggers" --key "$key" --attack compare \
-        --envelope $WIDE_ENVELOPE --device "$DEVICE" --results-dir "$RESULTS/$name" --no-progress "$@"
+        --envelope $WIDE_ENVELOPE --device "$DEVICE" --results-dir "$RESULTS/$name" --no-progress --overwrite "$@"
     FILES+=("$RESULTS/$name")
 done
 

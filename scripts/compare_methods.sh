@@ -38,11 +38,11 @@ for method in $METHODS; do
     if [ -n "${REGENERATE:-}" ] || [ ! -f "${STEM}_triggers_${method}/triggers.pt" ]; then
         echo "== generate: $method"
         "$PYTHON" generate_samples.py --model "$MODEL" --method "$method" --num-triggers "$NUM_TRIGGERS" \
-            --key-seed "$KEY_SEED" --device "$DEVICE" --recipe "${GENERATOR_RECIPE:-fast}" --no-progress
+            --key-seed "$KEY_SEED" --device "$DEVICE" --recipe "${GENERATOR_RECIPE:-fast}" --no-progress --overwrite
     fi
     echo "== compare: $method"
     "$PYTHON" eval.py --model "$MODEL" --method "$method" --attack compare --device "$DEVICE" \
-        --results-dir "$RESULTS" --no-progress "$@"
+        --results-dir "$RESULTS" --no-progress --overwrite "$@"
 done
 
 echo "== render"

@@ -5,7 +5,7 @@
 #
 # 1. trains resnet8 on Fashion-MNIST (with the robust backdoor watermark beside the fragile one, for the
 #    restore comparison) and makes its 100 fragile triggers -- both skipped when OUT_DIR already has them;
-# 2. runs every attack: finetune, poison (its model kept for the fine-pruning defense), fine-prune, restore,
+# 2. runs every attack (a rerun replaces each results file): finetune, poison (its model kept for the fine-pruning defense), fine-prune, restore,
 #    obfuscate, noise, single-weight, bitflip, prune, quantize -> OUT_DIR/results/*.json (+ .csv);
 # 3. plot.py --table: OUT_DIR/figures/summary.md, summary.csv, the sweep figures and the trajectory figures.
 #
@@ -52,7 +52,7 @@ attack() {  # attack NAME [FLAGS...]
     # shellcheck disable=SC2086  # SEEDS is a list
     step "$name" "$PYTHON" eval.py --attack "$name" --model "$MODEL" --device cpu --data-dir "$DATA_DIR" \
         --train-subset "$TRAIN_SUBSET" --test-subset "$TEST_SUBSET" --epochs "$EPOCHS" --seeds $SEEDS \
-        --results-dir "$RESULTS" --no-progress "$@"
+        --results-dir "$RESULTS" --no-progress --overwrite "$@"
 }
 
 attack finetune

@@ -11,6 +11,7 @@ parameters once, as a dataclass, and ``from_header`` fills one from the header (
 import argparse
 import ast
 import dataclasses
+import math
 import os
 import sys
 import time
@@ -27,6 +28,29 @@ class OneLineErrorParser(argparse.ArgumentParser):
     def error(self, message):
         print(f"error: {message} (see --help)", file=sys.stderr)
         sys.exit(2)
+
+
+def check_range(flag, value, low=-math.inf, high=math.inf, low_open=False, high_open=False):
+    """``value`` of ``flag``: a finite number in [low, high] (an open end excluded), or one error line naming the flag
+    and the range. Scripts check their numbers with it before any work starts."""
+    below = value <= low if low_open else value < low
+    above = value >= high if high_open else value > high
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or below or above:
+        if math.isinf(high):
+            bound = f"{'above' if low_open else 'at least'} {low:g}"
+        elif math.isinf(low):
+            bound = f"{'below' if high_open else 'at most'} {high:g}"
+        else:
+            bound = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise UserError(f"{flag} must be {bound}, got {value!r}")
+    return value
+
+
+def check_nonempty(flag, values):
+    """A list flag that needs at least one value (``--seeds`` with nothing after it)."""
+    if not values:
+        raise UserError(f"{flag} needs at least one value")
+    return values
 
 
 def _is_config_name(name, value):

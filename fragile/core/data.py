@@ -4,9 +4,12 @@ Every dataset knows its image shape, classes, normalization and train-time augme
 stay uint8 until a batch is drawn; the model's first layer normalizes, so every model input is an
 image in [0, 1] -- training images and triggers alike.
 """
+import contextlib
+import fcntl
 import gzip
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 
 import torch
@@ -81,7 +84,9 @@ def _offline_error(spec, data_dir, cause):
 
 
 def _stage_debian_fashion_mnist(root):
-    """Unpack Debian's Fashion-MNIST idx files where torchvision looks for its raw download."""
+    """Unpack Debian's Fashion-MNIST idx files where torchvision looks for its raw download. Each file goes
+    through a temporary name of its own and is renamed into place, so processes unpacking at once never
+    trip over each other's half-written files."""
     raw = os.path.join(root, "FashionMNIST", "raw")
     for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
         target = os.path.join(raw, name)
@@ -89,27 +94,49 @@ def _stage_debian_fashion_mnist(root):
         if os.path.exists(target) or not os.path.exists(source):
             continue
         os.makedirs(raw, exist_ok=True)
-        tmp = target + ".tmp"
-        with gzip.open(source, "rb") as src, open(tmp, "wb") as dst:
-            shutil.copyfileobj(src, dst)
-        os.replace(tmp, target)
+        fd, tmp = tempfile.mkstemp(dir=raw, prefix=f".{name}.", suffix=".tmp")
+        try:
+            with gzip.open(source, "rb") as src, os.fdopen(fd, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def data_dir_lock(data_dir):
+    """Hold an exclusive lock on ``data_dir`` while its files are staged or downloaded: of several processes on
+    one folder (torchrun's ranks, two runs side by side) one stages, the others wait and then find the files."""
+    try:
+        os.makedirs(data_dir, exist_ok=True)
+        handle = open(os.path.join(data_dir, ".fragile-data.lock"), "a")
+    except OSError:   # a read-only data folder: nothing can be written there, so nothing can race
+        yield
+        return
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _torchvision_split(spec, data_dir, train):
     import torchvision.datasets as tvd  # imported lazily: tests on synthetic data never need it
     cls = {"cifar10": tvd.CIFAR10, "cifar100": tvd.CIFAR100, "fashion-mnist": tvd.FashionMNIST, "mnist": tvd.MNIST}[spec.name]
-    if spec.name == "fashion-mnist":
-        _stage_debian_fashion_mnist(data_dir)
-    try:
-        # torchvision verifies each file's checksum before reading it (CIFAR's batches are pickles:
-        # only files matching the published MD5 are ever opened).
-        ds = cls(data_dir, train=train, download=False)
-    except RuntimeError:
+    with data_dir_lock(data_dir):
+        if spec.name == "fashion-mnist":
+            _stage_debian_fashion_mnist(data_dir)
         try:
-            os.makedirs(data_dir, exist_ok=True)
-            ds = cls(data_dir, train=train, download=True)
-        except Exception as e:  # URLError, socket errors, checksum failures
-            raise _offline_error(spec, data_dir, e) from None
+            # torchvision verifies each file's checksum before reading it (CIFAR's batches are pickles:
+            # only files matching the published MD5 are ever opened).
+            ds = cls(data_dir, train=train, download=False)
+        except RuntimeError:
+            try:
+                ds = cls(data_dir, train=train, download=True)
+            except Exception as e:  # URLError, socket errors, checksum failures
+                raise _offline_error(spec, data_dir, e) from None
     images = torch.as_tensor(ds.data)
     images = images.unsqueeze(1) if images.ndim == 3 else images.permute(0, 3, 1, 2)
     return Split(images.contiguous(), torch.as_tensor(ds.targets, dtype=torch.long))

@@ -56,11 +56,36 @@ def tf32(enabled):
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
+def cpu_name():
+    """The CPU's model name and the vector instructions torch's kernels use on it (AVX2, AVX512...): two machines
+    that differ here may compute different weights from the same seed and thread count."""
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    except OSError:
+        pass
+    return f"{name} ({torch.backends.cpu.get_cpu_capability()})"
+
+
+@contextlib.contextmanager
+def cudnn_benchmark(enabled):
+    """cuDNN autotuning on or off for a block (it may pick other convolution kernels, whose sums round
+    differently), then as it was."""
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
 def versions(device=None):
-    """torch, torchvision and Python versions, and the device when given."""
+    """torch, torchvision and Python versions and torch's thread count (what the determinism contract names:
+    the same seed, threads, device and torch version give the same weights), and the device when given."""
     import torchvision
     info = {"torch_version": str(torch.__version__), "torchvision_version": str(torchvision.__version__),
-            "python_version": platform.python_version()}
+            "python_version": platform.python_version(), "threads": torch.get_num_threads(), "cpu": cpu_name()}
     if device is not None:
         info["device"] = describe_device(torch.device(device))
     return info

@@ -120,6 +120,17 @@ def on_main(fn, *args, **kwargs):
     return result
 
 
+def local_main_first(fn, *args, **kwargs):
+    """``fn`` on each node's local rank 0 first, then on that node's other ranks, which wait at a barrier
+    meanwhile: data staging and downloads happen once per node. Without torchrun, just ``fn``."""
+    if _state["local_rank"] != 0:
+        barrier()
+    result = fn(*args, **kwargs)
+    if _state["local_rank"] == 0:
+        barrier()
+    return result
+
+
 def wrap(model, device):
     """The model in DistributedDataParallel for the training steps (measurements keep the plain module,
     which shares its weights); the model itself when not under torchrun."""

@@ -1,8 +1,11 @@
 """Results files: one JSON (and a flat CSV) per model, trigger method and attack, written atomically."""
 import csv
+import fcntl
+import hashlib
 import io
 import json
 import os
+import tempfile
 
 from .io import atomic_write_json, atomic_write_text
 from .cli import UserError
@@ -15,6 +18,29 @@ RECORD_KEYS = ("flipped", "match_rate", "detected")
 
 def results_path(folder, model_meta, method, attack):
     return os.path.join(folder, f"{model_meta['arch']}_{model_meta['dataset']}_{method}_{attack}.json")
+
+
+_claimed = []   # lock files held until the process exits
+
+
+def claim_results(path, overwrite):
+    """Make ``path`` this process's to write, before any work: refused while another run writes it (an exclusive
+    lock, held until this process ends however it ends, on a file in the system's temporary folder named by the
+    results file's absolute path, so results folders hold results only) and when a results file is already
+    there, unless ``overwrite``."""
+    absolute = os.path.abspath(path)
+    name = hashlib.sha256(absolute.encode()).hexdigest()[:24]
+    handle = open(os.path.join(tempfile.gettempdir(), f"fragile-wm-results-{name}.lock"), "a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise UserError(f"another run is writing {path} right now: wait for it to finish, or pass --results-dir "
+                        f"elsewhere") from None
+    _claimed.append(handle)
+    if os.path.exists(path) and not overwrite:
+        raise UserError(f"results file {path} exists: pass --overwrite to replace it, or --results-dir elsewhere")
+    return path
 
 
 def records_table(results):

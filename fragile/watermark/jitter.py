@@ -20,7 +20,7 @@ import tempfile
 import torch
 
 from ..core.cli import UserError
-from ..core.devices import tf32
+from ..core.devices import cudnn_benchmark, tf32
 from ..core.io import load_classifier, save_classifier
 from ..core.training import predict_logits
 
@@ -154,7 +154,7 @@ def _round_trip(model, model_meta):
 
 
 def _cross_device_settings(model, images, n):
-    """CPU vs GPU, TF32 and channels_last on the GPU: only when a GPU is present."""
+    """CPU vs GPU, channels_last, cuDNN autotuning on and off, and TF32 on the GPU: only when a GPU is present."""
     if not torch.cuda.is_available():
         return []
     device = next(model.parameters()).device
@@ -163,6 +163,12 @@ def _cross_device_settings(model, images, n):
     settings = [(f"on {other.type}", "protocol", "cuda",
                  lambda: _logits(copy.deepcopy(model).to(other), images.to(other), n)),
                 ("gpu channels_last", "protocol", "cuda", lambda: _logits(channels_last_copy(gpu_model), images.cuda(), n))]
+
+    def benchmark_logits(enabled):
+        with cudnn_benchmark(enabled):
+            return _logits(gpu_model, images.cuda(), n)
+    settings += [(f"gpu cudnn.benchmark {'on' if on else 'off'}", "protocol", "cuda",
+                  lambda on=on: benchmark_logits(on)) for on in (True, False)]
 
     def tf32_logits():
         with tf32(True):

@@ -5,16 +5,23 @@
     checkpoints/resnet18_cifar10_key_<method>.json       the secret key, named in the triggers' meta.json
 
 A trigger set can be named by its folder, its png/ folder or its triggers.pt; the key is the one its
-metadata names, beside the trigger folder, unless one is given.
+metadata names, beside the trigger folder, unless one is given. The metadata also binds the key by hash: a key
+and a trigger set from different runs are refused, never paired.
+
+A new watermark replaces an old one only once it is complete (``save_watermark``): both are written under
+staging names first, then swapped in; a swap cut short is rolled back (or finished) by the next run, so the
+previous set and its key are never lost and never paired with the new ones.
 """
 import os
+import shutil
 from dataclasses import dataclass
 
 import torch
 
 from ..core.cli import UserError
-from .keys import load_key
-from .trigger_io import load_triggers, trigger_folder
+from ..core.io import atomic_write_json, read_json
+from .keys import key_sha256, load_key
+from .trigger_io import load_triggers, save_triggers, trigger_folder
 
 
 def default_paths(model_path, method):
@@ -57,10 +64,94 @@ class Watermark:
 
 
 def load_watermark(triggers, key=""):
-    """The trigger set at ``triggers`` and its key (``key``, or the one its metadata names)."""
+    """The trigger set at ``triggers`` and its key (``key``, or the one its metadata names), refused when the
+    metadata binds another key."""
     if not os.path.exists(triggers):
-        raise UserError(f"triggers not found: {triggers} (run generate_samples.py, or pass --triggers)")
+        folder = triggers[:-len("/png")] if triggers.rstrip("/").endswith("/png") else triggers
+        left = f"; an interrupted generate_samples.py left {folder}{PREVIOUS}: rerun it to restore or finish that set" \
+            if os.path.exists(folder + PREVIOUS) else ""
+        raise UserError(f"triggers not found: {triggers} (run generate_samples.py, or pass --triggers){left}")
     images, meta = load_triggers(triggers)
     path = key_path(triggers, meta, key)
     labels, num_classes = load_key(path)
+    if len(labels) != len(images):
+        raise UserError(f"key has {len(labels)} labels but there are {len(images)} triggers ({path})")
+    bound = meta.get("key_sha256")
+    if bound is not None and bound != key_sha256(labels):
+        raise UserError(f"key {path} was not made with the triggers {triggers} (their metadata binds another key): "
+                        f"pass --key with the key generate_samples.py wrote beside them")
     return Watermark(images, labels, num_classes, meta, triggers, path)
+
+
+# ----------------------------------------------------------------------------- replacing a watermark safely
+
+STAGED, PREVIOUS = ".new", ".prev"
+
+
+def _remove(path):
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+    elif os.path.exists(path):
+        os.remove(path)
+
+
+def _bound(folder, key_file):
+    """True when ``folder`` is a complete trigger set (its meta.json, written last) bound to the key in ``key_file``."""
+    meta_path = os.path.join(folder, "meta.json")
+    if not (os.path.exists(meta_path) and os.path.exists(key_file)):
+        return False
+    try:
+        meta = read_json(meta_path, "trigger metadata", expect=dict)
+        return meta.get("key_sha256") == key_sha256(load_key(key_file)[0])
+    except UserError:
+        return False
+
+
+def finish_interrupted_swap(out, key_out):
+    """Put right what a ``save_watermark`` cut short left at ``out`` / ``key_out``: finish the swap when the new set
+    and its key are both in place, otherwise restore the previous set. Staged leftovers are removed. Returns what
+    was done ("finished", "restored") or None when there was nothing to do."""
+    done = None
+    if os.path.exists(out + PREVIOUS) or os.path.exists(key_out + PREVIOUS):
+        if _bound(out, key_out):
+            done = "finished"
+        else:
+            for path in (out, key_out):
+                if os.path.exists(path + PREVIOUS):
+                    _remove(path)
+                    os.replace(path + PREVIOUS, path)
+            done = "restored"
+        for path in (out + PREVIOUS, key_out + PREVIOUS):
+            _remove(path)
+    elif not os.path.exists(key_out) and os.path.exists(key_out + STAGED) and _bound(out, key_out + STAGED):
+        os.replace(key_out + STAGED, key_out)   # the first set of this name, stopped before its key was renamed
+        done = "finished"
+    for path in (out + STAGED, key_out + STAGED):
+        _remove(path)
+    return done
+
+
+def save_watermark(out, key_out, triggers, meta, key, extra=None, check=None):
+    """Write a trigger set and its key so that no interruption pairs a key with triggers it was not made for, nor
+    loses the set already there: both are staged under ``.new`` names (``check(staged folder)`` may refuse the
+    staged set), then the old pair is moved to ``.prev``, the new pair renamed into place, and ``.prev`` removed."""
+    staged_out, staged_key = out + STAGED, key_out + STAGED
+    for path in (staged_out, staged_key):
+        _remove(path)
+    try:
+        save_triggers(staged_out, triggers, meta, extra)
+        if check is not None:
+            check(staged_out)
+        atomic_write_json(key, staged_key)
+    except BaseException:
+        for path in (staged_out, staged_key):
+            _remove(path)
+        raise
+    for path in (key_out, out):
+        if os.path.exists(path):
+            _remove(path + PREVIOUS)
+            os.replace(path, path + PREVIOUS)
+    os.replace(staged_out, out)
+    os.replace(staged_key, key_out)
+    for path in (out + PREVIOUS, key_out + PREVIOUS):
+        _remove(path)

@@ -6,12 +6,23 @@ pickled code is refused, never run. Requests carry one input tensor (N, C, H, W)
 FP32 images in [0, 1]; answers carry "labels" (INT64, N) and "logits" (FP32, N x classes). ``precision``
 fp16 / bf16 serves the same weights in half precision, a benign deployment change the envelope covers.
 
+The server listens on loopback unless told otherwise (``host``), and KServe's model-repository endpoints
+(``/v2/repository/models/<name>/load`` and ``/unload``, which let anyone who reaches the port take the model
+offline) are switched off: a verification target serves inference and metadata only.
+
 Needs requirements-serve.txt (KServe); nothing else in the suite imports this module.
 """
+import asyncio
+import uuid
+
 import numpy as np
 import torch
+from fastapi.responses import JSONResponse
 from kserve import InferOutput, InferResponse, Model, ModelServer
+from kserve.constants.constants import FASTAPI_APP_IMPORT_STRING
 from kserve.errors import InvalidInput
+from kserve.model_server import app as kserve_app
+from kserve.protocol.rest.server import RESTServer
 
 from ..core.io import load_classifier
 from ..core.devices import resolve_device, set_fast_math
@@ -62,6 +73,17 @@ class FragileModel(Model):
         self.ready = True
         return self.ready
 
+    def get_input_types(self):
+        """The model metadata's input (GET /v2/models/<name>): any batch of this model's images, UINT8 (FP32 in
+        [0, 1] is accepted too)."""
+        shape = [-1, *self.core.meta["input_shape"]]
+        return [{"name": "input-0", "datatype": "UINT8", "shape": shape}]
+
+    def get_output_types(self):
+        classes = self.core.meta["num_classes"]
+        return [{"name": "labels", "datatype": "INT64", "shape": [-1]},
+                {"name": "logits", "datatype": "FP32", "shape": [-1, classes]}]
+
     async def predict(self, payload, headers=None, response_headers=None):
         inputs = getattr(payload, "inputs", None)
         if not inputs or len(inputs) != 1:
@@ -73,11 +95,33 @@ class FragileModel(Model):
         labels, logits = self.core.infer(array, inputs[0].datatype)
         outputs = [InferOutput("labels", list(labels.shape), "INT64", labels.tolist()),
                    InferOutput("logits", list(logits.shape), "FP32", logits.tolist())]
-        return InferResponse(response_id=payload.id, model_name=self.name, infer_outputs=outputs)
+        # The Open Inference Protocol makes a request's id optional; the answer then carries one of ours.
+        return InferResponse(response_id=payload.id or str(uuid.uuid4()), model_name=self.name,
+                             infer_outputs=outputs)
 
 
-def serve(path, name, http_port, precision="fp32", device="cpu"):
-    """Load the checkpoint and serve it until interrupted (REST only: no gRPC port is opened)."""
+REPOSITORY_PATH = "/repository/"   # KServe's model-repository extension: load and unload by HTTP
+
+
+@kserve_app.middleware("http")
+async def refuse_repository(request, call_next):
+    """The model-repository endpoints answer 403: nobody unloads the served model over HTTP."""
+    if REPOSITORY_PATH in request.url.path:
+        return JSONResponse({"error": "the model repository extension is disabled on this server"}, status_code=403)
+    return await call_next(request)
+
+
+def serve(path, name, host, http_port, precision="fp32", device="cpu"):
+    """Load the checkpoint and serve it on ``host``:``http_port`` until interrupted (REST only: no gRPC port).
+    KServe's own start always binds 0.0.0.0, so its REST server is built here with the host set."""
     model = FragileModel(name, path, precision, device)
     model.load()
-    ModelServer(http_port=http_port, enable_grpc=False, workers=1).start([model])
+    server = ModelServer(http_port=http_port, enable_grpc=False, workers=1)
+    server.register_model(model)
+    model.start()
+    rest = RESTServer(FASTAPI_APP_IMPORT_STRING, server.dataplane, server.model_repository_extension, http_port)
+    rest.config.host = host
+    server.servers.append(rest.start())
+    server.setup_event_loop()
+    server.register_signal_handler()
+    asyncio.run(server._serve())

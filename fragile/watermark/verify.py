@@ -69,10 +69,36 @@ def margin_summary(margins):
     return {"min": m.min().item(), "median": m.median().item(), "mean": m.mean().item(), "max": m.max().item()}
 
 
+def check_query_order(order, n):
+    """A recorded query order must be a permutation of the n triggers (it is read from the trigger metadata)."""
+    if order is None:
+        return None
+    if not isinstance(order, list) or sorted(order) != list(range(n)) or any(isinstance(i, bool) for i in order):
+        raise UserError(f"the trigger metadata's query_order is not a permutation of the {n} triggers: the trigger "
+                        f"set is corrupt (regenerate it, or restore its meta.json)")
+    return order
+
+
+def check_tolerance(max_mismatches, n):
+    """--max-mismatches: at least 0, and below the number of triggers (tolerating all of them decides nothing)."""
+    if isinstance(max_mismatches, bool) or not isinstance(max_mismatches, int) or not 0 <= max_mismatches < n:
+        raise UserError(f"--max-mismatches must be an integer in 0..{n - 1} for {n} triggers, got {max_mismatches!r}")
+    return max_mismatches
+
+
 def compare(returned, key, num_classes, max_mismatches=0, order=None):
     """The verification report: matches, mismatches with expected and returned labels, verdict, p-value, and
-    (given the trigger set's query order) the queries a stop-at-first-mismatch verifier would have made."""
+    (given the trigger set's query order) the queries a stop-at-first-mismatch verifier would have made.
+    Refused unless there is exactly one returned label per key label: a verdict on fewer answers than triggers
+    would be no verdict at all."""
     returned = [int(x) for x in returned]
+    if len(returned) != len(key) or not key:
+        raise UserError(f"{len(returned)} labels came back for {len(key)} triggers: no verdict without an answer "
+                        f"for every trigger")
+    check_tolerance(max_mismatches, len(key))
+    check_query_order(order, len(key))
+    if not isinstance(num_classes, int) or num_classes < 2:
+        raise UserError(f"the number of classes must be at least 2, got {num_classes!r}")
     mismatched = [{"index": i, "expected": k, "returned": r} for i, (k, r) in enumerate(zip(key, returned)) if k != r]
     matches = len(key) - len(mismatched)
     return {"matches": matches, "n": len(key), "match_rate": matches / len(key), "mismatches": mismatched,

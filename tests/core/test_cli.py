@@ -73,3 +73,23 @@ def test_a_user_error_is_one_line_and_exit_2(capsys):
 def test_parameter_classes_are_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         Inner(steps=1, seed=0).steps = 2
+
+
+@pytest.mark.parametrize("value, low, high, kwargs, ok", [
+    (1, 1, float("inf"), {}, True), (0, 1, float("inf"), {}, False), (-1, 0, float("inf"), {}, False),
+    (float("inf"), 0, 3600, {"low_open": True}, False), (float("nan"), 0, 1, {}, False),
+    (0.0, 0, 1, {"low_open": True}, False), (1.0, 0, 1, {"high_open": True}, False), (True, 0, 5, {}, False),
+])
+def test_check_range_refuses_what_lies_outside_naming_the_flag(value, low, high, kwargs, ok):
+    from fragile.core.cli import check_range
+    if ok:
+        assert check_range("--batch-size", value, low, high, **kwargs) == value
+    else:
+        with pytest.raises(UserError, match=r"^--batch-size must be"):
+            check_range("--batch-size", value, low, high, **kwargs)
+
+
+def test_check_nonempty_refuses_an_empty_list():
+    from fragile.core.cli import check_nonempty
+    with pytest.raises(UserError, match="--seeds needs at least one value"):
+        check_nonempty("--seeds", [])

@@ -1,10 +1,11 @@
 """Datasets as uint8 tensors, on-device augmentation, and batches sharded across torchrun ranks."""
 import dataclasses
+import os
 
 import pytest
 import torch
 
-from conftest import requires_fashion_mnist
+from conftest import ROOT, requires_fashion_mnist
 from fragile.core.cli import UserError
 from fragile.core.data import (augment, balanced_subset, get_spec, load_dataset, load_split, random_crop, random_flip,
                                synthetic_split, to_float, train_batches)
@@ -74,6 +75,25 @@ def test_fashion_mnist_from_debian_package(tmp_path):
     spec, train, test = load_dataset("fashion-mnist", str(tmp_path), train_subset=1000)
     assert tuple(train.images.shape) == (1000, 1, 28, 28) and len(test) == 10000
     assert torch.bincount(train.labels).tolist() == [100] * 10
+
+
+@requires_fashion_mnist
+def test_processes_staging_one_fresh_data_folder_at_once_all_succeed(tmp_path):
+    """torchrun's ranks, or runs side by side, on one fresh --data-dir: one unpacks Debian's files, the others wait
+    for it (each unpacking through a temporary name of its own), and every process reads the same data."""
+    import subprocess
+    import sys
+    code = ("import sys, torch; from fragile.core.data import get_spec, load_split; "
+            "s = load_split(get_spec('fashion-mnist'), sys.argv[1], True); print(len(s), int(s.labels.sum()))")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, env={**os.environ,
+                              "PYTHONPATH": ROOT}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(4)]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, [err[-500:] for _, err in outputs]
+    assert len({out for out, _ in outputs}) == 1 and outputs[0][0].startswith("60000 ")
+    raw = tmp_path / "FashionMNIST" / "raw"
+    assert sorted(os.listdir(raw)) == sorted(["train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                                              "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"])
 
 
 # ----------------------------------------------------------------------------- sharding across ranks

@@ -67,3 +67,66 @@ def test_read_json_names_what_the_file_was_meant_to_be(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(UserError, match="trigger metadata .*meta.json is unreadable or not JSON"):
         read_json(str(bad), "trigger metadata")
+
+
+# ----------------------------------------------------------------------------- files that lie or are not what they seem
+
+def test_a_text_file_as_checkpoint_is_one_clear_error(tmp_path):
+    path = tmp_path / "notes.pt"
+    path.write_text("these are my notes, not a checkpoint\n" * 20)
+    with pytest.raises(UserError, match="corrupt or not a torch file"):
+        read_checkpoint(str(path))
+
+
+@pytest.mark.parametrize("payload, expected", [
+    ({"format": "fragile-wm/1", "state_dict": {}}, "metadata does not name"),
+    ({"format": "fragile-wm/1", "state_dict": {"w": "not a tensor"}, "meta": {}}, "dict of named tensors"),
+    ({"format": "fragile-wm/1", "state_dict": {}, "meta": "a string"}, "metadata does not name"),
+])
+def test_a_checkpoint_without_its_parts_names_what_is_missing(tmp_path, payload, expected):
+    path = tmp_path / "partial.pt"
+    torch.save(payload, path)
+    with pytest.raises(UserError, match=expected):
+        read_checkpoint(str(path))
+
+
+def test_the_weights_hash_is_computed_from_the_weights_loaded_not_read_from_the_file(watermarked, tmp_path):
+    """A checkpoint whose weights went through fp16 and whose metadata kept the old hash: the hash load_classifier
+    reports is that of the weights it loaded; the file's claim is kept apart."""
+    payload = torch.load(watermarked["model"], weights_only=True)
+    payload["state_dict"] = {k: v.half().to(v.dtype) if v.is_floating_point() else v
+                             for k, v in payload["state_dict"].items()}
+    path = tmp_path / "rounded.pt"
+    torch.save(payload, path)
+    model, meta = load_classifier(str(path))
+    assert meta["stored_weights_sha256"] == payload["meta"]["weights_sha256"]
+    assert meta["weights_sha256"] == weights_sha256(model.state_dict()) != meta["stored_weights_sha256"]
+
+
+def test_metadata_that_disagrees_with_its_dataset_is_refused(watermarked, tmp_path):
+    payload = torch.load(watermarked["model"], weights_only=True)
+    payload["meta"]["num_classes"] = 1000
+    path = tmp_path / "lying.pt"
+    torch.save(payload, path)
+    with pytest.raises(UserError, match="num_classes 1000"):
+        load_classifier(str(path))
+
+
+def test_json_nested_too_deeply_or_of_the_wrong_type_is_one_clear_error(tmp_path):
+    deep, flat = tmp_path / "deep.json", tmp_path / "flat.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    flat.write_text('"just a string"')
+    with pytest.raises(UserError, match="nested too deeply"):
+        read_json(str(deep), "trigger metadata")
+    with pytest.raises(UserError, match="expected a JSON object"):
+        read_json(str(flat), "trigger metadata", expect=dict)
+
+
+def test_an_output_path_that_is_a_folder_is_refused_before_any_work(tmp_path):
+    from fragile.core.io import check_writable, refuse_existing
+    with pytest.raises(UserError, match="is a folder"):
+        check_writable(str(tmp_path))
+    (tmp_path / "taken.pt").write_bytes(b"x")
+    with pytest.raises(UserError, match="--overwrite"):
+        refuse_existing(str(tmp_path / "taken.pt"), False, "checkpoint")
+    refuse_existing(str(tmp_path / "taken.pt"), True, "checkpoint")

@@ -53,15 +53,59 @@ def test_results_schema(finetune_and_poison):
     assert len(rows) == len(r["runs"][0]["records"]) and rows[0]["seed"] == "0"
 
 
-def test_seeds_are_all_kept_and_rerun_replaces_the_file(watermarked, tmp_path):
-    args = ["--model", watermarked["model"], "--attack", "finetune", "--epochs", 1, "--train-subset", 300,
-            "--test-subset", 100, "--early-steps", "--device", "cpu", "--results-dir", tmp_path, "--no-progress"]
+FINETUNE_TINY = ["--attack", "finetune", "--epochs", 1, "--train-subset", 300, "--test-subset", 100, "--early-steps",
+                 "--device", "cpu", "--no-progress"]
+
+
+def test_seeds_are_all_kept_and_a_rerun_replaces_the_file_only_with_overwrite(watermarked, tmp_path):
+    args = ["--model", watermarked["model"], *FINETUNE_TINY, "--results-dir", tmp_path]
     run_script("eval.py", *args, "--seeds", 0, 1)
     path = tmp_path / "resnet8_synthetic_paper_finetune.json"
     assert [run["seed"] for run in json.load(open(path))["runs"]] == [0, 1]
-    run_script("eval.py", *args, "--seeds", 2)
+    refused = run_script("eval.py", *args, "--seeds", 2, check=False)
+    assert refused.returncode == 2 and "exists: pass --overwrite" in refused.stderr and "seed 2" not in refused.stdout
+    assert [run["seed"] for run in json.load(open(path))["runs"]] == [0, 1]
+    run_script("eval.py", *args, "--seeds", 2, "--overwrite")
     assert [run["seed"] for run in json.load(open(path))["runs"]] == [2]
     assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temp files
+
+
+def test_a_second_writer_of_one_results_file_is_refused_before_it_works(watermarked, tmp_path):
+    """Two eval.py runs on one results file: the second is refused at once (the first holds its lock), so
+    neither run is lost to the other's rename."""
+    from fragile.core.results import claim_results
+    claim_results(str(tmp_path / "resnet8_synthetic_paper_finetune.json"), overwrite=False)   # this process: the first
+    proc = run_script("eval.py", "--model", watermarked["model"], *FINETUNE_TINY, "--results-dir", tmp_path,
+                      check=False)
+    assert proc.returncode == 2 and "another run is writing" in proc.stderr and "seed 0" not in proc.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--seeds"], "--seeds needs at least one value"), (["--seeds", 1, 1], "repeats a seed"),
+    (["--max-mismatches", 30], "--max-mismatches must be an integer in 0..29"),
+    (["--max-mismatches", -1], "--max-mismatches"), (["--batch-size", 0], "--batch-size"),
+    (["--save-tampered", "DIR"], "is a folder"), (["--results-dir", "FILE"], "is a file, not a folder"),
+])
+def test_bad_settings_and_outputs_fail_before_any_work_and_write_nothing(watermarked, tmp_path, args, message):
+    (tmp_path / "FILE").write_text("x")
+    args = [str(tmp_path) if a == "DIR" else str(tmp_path / "FILE") if a == "FILE" else a for a in args]
+    out = tmp_path / "out"
+    proc = run_script("eval.py", "--model", watermarked["model"], *FINETUNE_TINY, "--results-dir", out, *args,
+                      check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr
+    assert "seed" not in proc.stdout and not (out.exists() and list(out.glob("*.json")))
+
+
+def test_triggers_made_for_another_model_are_refused(watermarked, tmp_path):
+    """Another classifier (a second seed) with the session model's triggers: every attack would 'detect' flips
+    that were there before it began."""
+    other = tmp_path / "other.pt"
+    run_script("train.py", "--dataset", "synthetic", "--arch", "resnet8", "--epochs", 1, "--train-subset", 300,
+               "--seed", 9, "--device", "cpu", "--no-progress", "--out", other)
+    proc = run_script("eval.py", "--model", other, "--triggers", watermarked["triggers"], *FINETUNE_TINY,
+                      "--results-dir", tmp_path, check=False)
+    assert proc.returncode == 2 and "were made for weights" in proc.stderr and "seed 0" not in proc.stdout
 
 
 def test_eval_benign_flags_nothing_on_the_untouched_model(watermarked, tmp_path):

@@ -152,3 +152,81 @@ def test_generator_header_is_the_paper_generator():
     assert generate_samples.RECIPE == "paper"
     paper = {"GEN_CHANNELS": 512, "LR": 1e-4, "LAMBDA": 150.0, "BETA1": 0.5, "BETA2": 0.999, "LATENT_DIM": 512}
     assert {k: getattr(generate_samples, k) for k in paper} == paper   # the paper's code
+
+
+# ----------------------------------------------------------------------------- outputs: never lost, never mismatched
+
+def fresh_set(watermarked, tmp_path, key_seed=0):
+    """A copy of the session model with a small trigger set of its own beside it; (model, folder, key)."""
+    import shutil
+    model = tmp_path / "m.pt"
+    shutil.copy(watermarked["model"], model)
+    run_script("generate_samples.py", "--model", model, "--num-triggers", 10, "--key-seed", key_seed, "--device",
+               "cpu", "--recipe", "fast", "--no-progress")
+    return model, tmp_path / "m_triggers_paper", tmp_path / "m_key_paper.json"
+
+
+def start_generation(model, *args):
+    import subprocess
+    import sys
+    from conftest import ROOT
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, "generate_samples.py"), "--model", str(model),
+                             "--num-triggers", "10", "--device", "cpu", "--recipe", "fast", "--no-progress",
+                             *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": ROOT})
+
+
+def wait_for_writes(proc, folder, key):
+    """Block until the run starts writing (a staged set appears, or the key file is rewritten), or ends."""
+    import time
+    before = key.stat().st_mtime_ns
+    while proc.poll() is None and not os.path.exists(str(folder) + ".new") and key.stat().st_mtime_ns == before:
+        time.sleep(0.005)
+
+
+@pytest.mark.parametrize("signal_name", ["SIGKILL", "SIGINT"])
+def test_interrupted_regeneration_keeps_the_previous_set_and_its_key(watermarked, tmp_path, signal_name):
+    """kill -9 or Ctrl-C while a replacement set is written: the untouched model still verifies intact with the set
+    already there (its key was not replaced first), and the next run puts everything right."""
+    import signal
+    model, folder, key = fresh_set(watermarked, tmp_path)
+    old_key = key.read_text()
+    proc = start_generation(model, "--key-seed", 1, "--overwrite")
+    wait_for_writes(proc, folder, key)
+    proc.send_signal(getattr(signal, signal_name))
+    _, stderr = proc.communicate(timeout=120)
+    if signal_name == "SIGINT":
+        assert proc.returncode == 130 and "unchanged" in stderr and "nothing was saved" not in stderr
+    verdict = run_script("verify.py", "--model", model, check=False)
+    if verdict.returncode != 0:   # killed inside the swap itself: the next run restores (or finishes) it
+        run_script("generate_samples.py", "--model", model, "--num-triggers", 10, "--key-seed", 1, "--device", "cpu",
+                   "--recipe", "fast", "--no-progress", "--overwrite")
+        verdict = run_script("verify.py", "--model", model, check=False)
+    else:
+        assert key.read_text() == old_key
+    assert verdict.returncode == 0 and verdict.stdout.startswith("INTACT"), verdict.stdout + verdict.stderr
+
+
+def test_an_existing_set_is_replaced_only_with_overwrite(watermarked, tmp_path):
+    model, folder, key = fresh_set(watermarked, tmp_path)
+    proc = run_script("generate_samples.py", "--model", model, "--num-triggers", 10, "--device", "cpu", check=False)
+    assert proc.returncode == 2 and "exists: pass --overwrite" in proc.stderr and "before:" not in proc.stdout
+    replaced = run_script("generate_samples.py", "--model", model, "--num-triggers", 10, "--key-seed", 5,
+                          "--device", "cpu", "--recipe", "fast", "--no-progress", "--overwrite")
+    assert replaced.returncode == 0 and json.load(open(key))["source"] == "seed 5"
+    assert run_script("verify.py", "--model", model, check=False).returncode == 0
+    assert not [n for n in os.listdir(tmp_path) if n.endswith((".new", ".prev"))]
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--num-triggers", 0], "--num-triggers"), (["--max-steps", 0], "--max-steps"), (["--lr", -1], "--lr"),
+    (["--out", "FILE/triggers"], "cannot create output folder"),
+])
+def test_bad_numbers_and_unwritable_outputs_fail_before_any_work(watermarked, tmp_path, args, expected):
+    (tmp_path / "FILE").write_text("a file, so no folder can be made under it")
+    args = [str(tmp_path / a) if a == "FILE/triggers" else a for a in args]
+    proc = run_script("generate_samples.py", "--model", watermarked["model"], "--device", "cpu", *args,
+                      "--key-out", tmp_path / "k.json", check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and expected in lines[0], proc.stderr
+    assert "before:" not in proc.stdout   # nothing generated, not even the model's fingerprint taken

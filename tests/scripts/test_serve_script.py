@@ -49,17 +49,18 @@ def wait_ready(url, name, proc, log):
 
 
 @contextlib.contextmanager
-def served(model_path, tmp_path, name="fragile-wm", precision="fp32"):
+def served(model_path, tmp_path, name="fragile-wm", precision="fp32", extra=()):
     """serve.py in a subprocess on a free port; yields its base URL and stops it afterwards."""
     port = free_port()
     log = str(tmp_path / f"serve-{port}.log")
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py"), "--model", str(model_path),
-                                 "--model-name", name, "--http-port", str(port), "--precision", precision],
+                                 "--model-name", name, "--http-port", str(port), "--precision", precision, *extra],
                                 cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": ROOT})
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(url, name, proc, log)
+        served.log = log
         yield url
     finally:
         proc.terminate()
@@ -97,7 +98,8 @@ def assert_bad_requests_get_a_400(url):
         assert error.value.code == 400, error.value.read()
 
 
-LOCAL_ONLY = {"weights_sha256", "hash_matches_triggers", "url", "model_name"}
+LOCAL_ONLY = {"weights_sha256", "hash_matches_triggers", "url", "model_name", "weights_hash",
+              "checkpoint_metadata_hash", "finite_outputs", "decided_by"}
 
 
 def same_report(remote, local):
@@ -141,3 +143,67 @@ def test_half_precision_serving_verifies_intact_with_triggers_calibrated_for_it(
         with served(watermarked["model"], tmp_path, precision=precision) as url:
             code, report = verify_json("--url", url, "--triggers", out, "--key", key, "--timeout", 60)
             assert code == 0 and report["verdict"] == "intact", (precision, report)
+
+
+def listening_addresses(port):
+    """The local addresses listening on ``port`` (IPv4, from /proc/net/tcp: state 0A is LISTEN)."""
+    found = []
+    for line in open("/proc/net/tcp").read().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        address, hex_port = local.split(":")
+        if state == "0A" and int(hex_port, 16) == port:
+            found.append(socket.inet_ntoa(bytes.fromhex(address)[::-1]))
+    return found
+
+
+def http(url, method="GET", body=None):
+    request = urllib.request.Request(url, method=method, data=None if body is None else json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def test_the_server_listens_on_loopback_keeps_its_model_and_speaks_to_third_party_clients(watermarked, tmp_path):
+    """serve.py's defaults: loopback only; the model-repository endpoints refuse to unload the model; a request
+    without an id (optional in the Open Inference Protocol) is answered; the model metadata describes the input
+    and outputs; and the official Triton HTTP client reads every trigger's label as the key."""
+    import numpy as np
+    import tritonclient.http as triton
+    from fragile.watermark.trigger_io import load_triggers
+    triggers, _ = load_triggers(watermarked["triggers"])
+    with served(watermarked["model"], tmp_path) as url:
+        port = int(url.rsplit(":", 1)[1])
+        assert listening_addresses(port) == ["127.0.0.1"]
+        status, _ = http(f"{url}/v2/repository/models/fragile-wm/unload", "POST", {})
+        assert status == 403
+        assert http(f"{url}/v2/models/fragile-wm/ready")[0] == 200   # still served
+        status, answer = http(f"{url}/v2/models/fragile-wm/infer", "POST", {"inputs": [
+            {"name": "input-0", "shape": list(triggers.shape), "datatype": "UINT8",
+             "data": triggers.reshape(-1).tolist()}]})
+        labels = next(o for o in answer["outputs"] if o["name"] == "labels")
+        assert status == 200 and labels["data"] == watermarked["key_labels"] and answer["id"]
+        status, metadata = http(f"{url}/v2/models/fragile-wm")
+        assert metadata["inputs"] == [{"name": "input-0", "datatype": "UINT8", "shape": [-1, 3, 32, 32]}]
+        assert [o["name"] for o in metadata["outputs"]] == ["labels", "logits"]
+        assert metadata["outputs"][1]["shape"] == [-1, 10]
+        client = triton.InferenceServerClient(url=url[len("http://"):])
+        request = triton.InferInput("input-0", list(triggers.shape), "UINT8")
+        request.set_data_from_numpy(triggers.numpy())
+        result = client.infer("fragile-wm", [request], outputs=[triton.InferRequestedOutput("labels")])
+        assert result.as_numpy("labels").tolist() == watermarked["key_labels"]
+        assert np.asarray(result.as_numpy("labels")).shape == (30,)
+
+
+def test_serving_beyond_loopback_is_asked_for_and_warned_about(watermarked, tmp_path):
+    with served(watermarked["model"], tmp_path, extra=("--host", "0.0.0.0")) as url:
+        assert listening_addresses(int(url.rsplit(":", 1)[1])) == ["0.0.0.0"]
+        assert "warning: --host 0.0.0.0 serves the model beyond this machine" in open(served.log).read()
+
+
+def test_a_bad_host_is_one_error_line(watermarked):
+    proc = run_script("serve.py", "--model", watermarked["model"], "--host", "no such host.invalid", check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "--host" in lines[0], proc.stderr

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, run_script
+from conftest import ROOT, requires_fashion_mnist, run_script
 from fragile.core.data import get_spec, synthetic_split
 from fragile.core.io import load_classifier, read_checkpoint
 from fragile.core.training import accuracy
@@ -164,3 +164,13 @@ def test_bench_times_the_data_parallel_loop_with_the_global_batch(tmp_path):
     assert result["world_size"] == 2 and result["ours"]["world_size"] == 2
     assert result["ours"]["images"] == 2 * 16 and result["ours"]["images_per_s"] > 0   # global images, counted once
     assert proc.stdout.count("images/s") == 1 and "8 per rank" in proc.stdout
+
+
+@requires_fashion_mnist
+def test_the_readmes_torchrun_command_works_on_a_fresh_data_folder(tmp_path):
+    """Every rank used to unpack Debian's files through the same temporary name and trip over the other's rename;
+    now each node's local rank 0 stages them while the others wait."""
+    succeeded(torchrun("train.py", "--dataset", "fashion-mnist", "--arch", "resnet8", "--epochs", 1,
+                       "--train-subset", 512, "--device", "cpu", "--no-progress", "--data-dir", tmp_path / "data",
+                       "--out", tmp_path / "m.pt"))
+    assert read_checkpoint(str(tmp_path / "m.pt"))["meta"]["world_size"] == 2

@@ -126,3 +126,82 @@ def test_resume_on_another_device_reseeds_the_data_order(tmp_path):
     proc = run_script("train.py", *RESUMABLE, "--out", out, "--resume")
     assert "reseeded" in proc.stdout and "Traceback" not in proc.stderr
     assert read_checkpoint(str(out))["meta"]["epochs"] == 3
+
+
+# ----------------------------------------------------------------------------- outputs and resume files
+
+def test_an_existing_checkpoint_with_triggers_is_replaced_only_with_overwrite(watermarked, tmp_path):
+    import shutil
+    out = tmp_path / "resnet8_synthetic.pt"
+    shutil.copy(watermarked["model"], out)
+    shutil.copytree(watermarked["triggers"], tmp_path / "resnet8_synthetic_triggers_paper")
+    before = out.read_bytes()
+    proc = run_script("train.py", *TINY, "--epochs", 1, "--train-subset", 200, "--out", out, check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "--overwrite" in lines[0], proc.stderr
+    assert "resnet8_synthetic_triggers_paper" in lines[0] and "no longer verify" in lines[0]
+    assert out.read_bytes() == before
+    run_script("train.py", *TINY, "--epochs", 1, "--train-subset", 200, "--out", out, "--overwrite")
+    assert out.read_bytes() != before
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--epochs", 0], "--epochs must be at least 1"), (["--batch-size", -1], "--batch-size"),
+    (["--lr", 0], "--lr must be above 0"), (["--train-subset", -5], "--train-subset"),
+])
+def test_bad_numbers_fail_before_any_data_is_loaded(tmp_path, args, message):
+    proc = run_script("train.py", *TINY, "--out", tmp_path / "m.pt", *args, check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and message in lines[0] and "synthetic:" not in proc.stdout
+
+
+def test_an_output_path_that_is_a_folder_fails_before_training(tmp_path):
+    proc = run_script("train.py", *TINY, "--epochs", 1, "--out", tmp_path, check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "is a folder" in lines[0] and "epoch" not in proc.stdout
+
+
+def test_resume_given_a_finished_checkpoint_says_so(watermarked, tmp_path):
+    import shutil
+    out = tmp_path / "m.pt"
+    shutil.copy(watermarked["model"], str(out)[:-3] + ".resume.pt")   # a final checkpoint where a resume file goes
+    proc = run_script("train.py", *TINY, "--epochs", 3, "--out", out, "--resume", check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "no training state" in lines[0], proc.stderr
+
+
+def test_a_fresh_run_does_not_replace_an_interrupted_one_unasked(tmp_path):
+    out = tmp_path / "m.pt"
+    interrupted_train(RESUMABLE, out)
+    proc = run_script("train.py", *RESUMABLE, "--out", out, check=False)
+    assert proc.returncode == 2 and "pass --resume to continue it" in proc.stderr
+
+
+def test_a_kill_between_the_log_line_and_the_resume_file_logs_each_epoch_once(tmp_path):
+    """Killed after epoch 2's log line but before its resume file: the resumed run repeats epoch 2, and the log
+    holds it once (it is rebuilt from the resume file's own record of the log)."""
+    out = tmp_path / "m.pt"
+    interrupted_train(RESUMABLE, out)
+    epochs = _log_epochs(out)
+    if len(epochs) >= 3:
+        pytest.skip("the run finished before it could be interrupted")
+    with open(str(out)[:-3] + ".log.jsonl", "a") as log:   # the line of an epoch whose resume file never came
+        log.write(json.dumps({"epoch": epochs[-1] + 1, "train_loss": 1.0}) + "\n")
+    run_script("train.py", *RESUMABLE, "--out", out, "--resume")
+    assert _log_epochs(out) == [1, 2, 3]
+
+
+# ----------------------------------------------------------------------------- the determinism contract
+
+def test_the_same_seed_and_thread_count_give_the_same_weights_and_the_checkpoint_says_which(tmp_path):
+    """REPRODUCTION.md's contract: seed, thread count, device and torch version (all recorded in the checkpoint's
+    metadata) decide the weights; two runs that share them give the same hash."""
+    args = [*TINY, "--epochs", 1, "--train-subset", 300, "--batch-size", 32, "--seed", 4]
+    hashes = []
+    for name in ("a.pt", "b.pt"):
+        run_script("train.py", *args, "--out", tmp_path / name, env={"OMP_NUM_THREADS": "1"})
+        meta = read_checkpoint(str(tmp_path / name))["meta"]
+        assert meta["threads"] == 1 and meta["seed"] == 4 and meta["device"].startswith("cpu")
+        assert meta["torch_version"] == torch.__version__ and meta["cpu"]
+        hashes.append(meta["weights_sha256"])
+    assert hashes[0] == hashes[1]

@@ -54,9 +54,11 @@ def test_verify_detects_weight_noise_and_reports_the_hash_difference(watermarked
     mismatched = {m["index"] for m in report["mismatches"]}
     position = report["queries_to_first_mismatch"]  # the first mismatched trigger in the recorded order
     assert order[position - 1] in mismatched and not mismatched & set(order[:position - 1])
+    # Tolerating every flipped label does not make it intact: the weights' own hash differs from the bound one.
     tolerant = run_script("verify.py", "--model", tmp_path / "noisy.pt", "--triggers", watermarked["triggers"],
-                          "--key", watermarked["key"], "--max-mismatches", 30, check=False)
-    assert tolerant.returncode == 0
+                          "--key", watermarked["key"], "--max-mismatches", 29, "--json", check=False)
+    report = json.loads(tolerant.stdout)
+    assert tolerant.returncode == 1 and report["decided_by"] == ["weights_hash"]
 
 
 def test_verify_detects_one_epoch_of_fine_tuning(watermarked, tmp_path):
@@ -76,12 +78,21 @@ def _bad_triggers(tmp_path):
     return path
 
 
-@pytest.mark.parametrize("case", ["missing", "corrupt", "pickle", "shape", "key_length", "key_range"])
+@pytest.mark.parametrize("case", ["missing", "corrupt", "pickle", "shape", "key_length", "key_range", "text",
+                                  "max_mismatches", "negative_mismatches", "batch_size"])
 def test_bad_input_exits_2_with_one_clear_line(watermarked, tmp_path, case):
     model, triggers, key = watermarked["model"], watermarked["triggers"], watermarked["key"]
     labels = watermarked["key_labels"]
+    extra = []
     if case == "missing":
-        model, expected = tmp_path / "absent.pt", "not found"
+        model, expected = tmp_path / "absent.pt", "checkpoint not found"
+    elif case == "text":
+        model, expected = tmp_path / "notes.pt", "corrupt or not a torch file"
+        model.write_text("not a checkpoint\n" * 50)
+    elif case in ("max_mismatches", "negative_mismatches"):
+        extra, expected = ["--max-mismatches", 1000 if case == "max_mismatches" else -1], "--max-mismatches"
+    elif case == "batch_size":
+        extra, expected = ["--batch-size", -1], "--batch-size"
     elif case == "corrupt":
         model, expected = tmp_path / "corrupt.pt", "corrupt"
         model.write_bytes(os.urandom(2048))
@@ -91,11 +102,49 @@ def test_bad_input_exits_2_with_one_clear_line(watermarked, tmp_path, case):
     elif case == "shape":
         triggers, expected = _bad_triggers(tmp_path), "shape"
     else:
-        key, expected = tmp_path / "key.json", ("30 triggers" if case == "key_length" else "out of range")
+        key, expected = tmp_path / "key.json", ("30 triggers" if case == "key_length" else "not made with the triggers")
         bad = labels[:-1] if case == "key_length" else [99] + labels[1:]
         key.write_text(json.dumps({"labels": bad, "num_classes": 10}))
-    proc = run_script("verify.py", "--model", model, "--triggers", triggers, "--key", key, check=False)
+    proc = run_script("verify.py", "--model", model, "--triggers", triggers, "--key", key, *extra, check=False)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:") and expected in lines[0], \
         proc.stderr
     assert not (tmp_path / "pwned").exists()
+
+
+def _resaved(watermarked, tmp_path, change):
+    """The watermarked checkpoint's payload with ``change(state_dict)`` applied and its metadata kept as it was."""
+    payload = torch.load(watermarked["model"], weights_only=True)
+    payload["state_dict"] = change(payload["state_dict"])
+    path = tmp_path / "resaved.pt"
+    torch.save(payload, path)
+    return path
+
+
+def test_a_checkpoint_whose_metadata_kept_the_old_hash_is_tampered(watermarked, tmp_path):
+    """Every weight through fp16 and back, metadata untouched: the labels may all still match, but the hash is
+    computed from the weights loaded, so the verdict is tampered (exit 1), and --json names the evidence."""
+    path = _resaved(watermarked, tmp_path, lambda state: {k: v.half().to(v.dtype) if v.is_floating_point() else v
+                                                          for k, v in state.items()})
+    proc = run_script("verify.py", "--model", path, "--triggers", watermarked["triggers"], "--json", check=False)
+    report = json.loads(proc.stdout)
+    assert proc.returncode == 1 and report["verdict"] == "tampered" and report["hash_matches_triggers"] is False
+    assert {"weights_hash", "checkpoint_metadata_hash"} <= set(report["decided_by"])
+    assert report["checkpoint_metadata_hash"] == "differs from weights"
+    line = run_script("verify.py", "--model", path, "--triggers", watermarked["triggers"], check=False).stdout
+    assert line.startswith("TAMPERED") and "DIFFERS" in line and "as watermarked" not in line
+
+
+def test_a_model_whose_outputs_are_not_finite_is_tampered_whatever_the_tolerance(watermarked, tmp_path):
+    path = _resaved(watermarked, tmp_path, lambda state: {k: torch.full_like(v, float("nan"))
+                                                          if v.is_floating_point() else v for k, v in state.items()})
+    proc = run_script("verify.py", "--model", path, "--triggers", watermarked["triggers"], "--json",
+                      "--max-mismatches", 29, check=False)
+    report = json.loads(proc.stdout)
+    assert proc.returncode == 1 and "finite_outputs" in report["decided_by"] and report["finite_outputs"] is False
+
+
+def test_an_intact_verdict_names_both_kinds_of_evidence(watermarked):
+    report = json.loads(verify(watermarked, "--json").stdout)
+    assert report["verdict"] == "intact" and report["decided_by"] == ["labels", "weights_hash"]
+    assert report["weights_hash"] == "as watermarked" and report["checkpoint_metadata_hash"] == "matches weights"

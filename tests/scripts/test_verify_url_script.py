@@ -111,7 +111,7 @@ def test_a_server_that_is_down_is_an_error_never_intact(watermarked):
 GARBAGE = {
     "not json": (200, "<html>hello</html>", "did not answer with JSON"),
     "no outputs": (200, '{"model_name": "m"}', "not an Open Inference Protocol"),
-    "too few labels": (200, None, "holds 29 values, expected 30"),
+    "too few labels": (200, None, "declares shape [29], expected [30]"),
     "label out of range": (200, None, "outside 0..9"),
     "nan logits": (200, None, "not finite"),
     "strings": (200, None, "no label or logit output"),
@@ -149,3 +149,56 @@ def test_serve_refuses_an_unsafe_checkpoint_before_serving(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and "refusing" in lines[0], proc.stderr
     assert not (tmp_path / "pwned").exists()
+
+
+def test_a_negative_batch_size_is_refused_before_any_request(watermarked, stub):
+    """--batch-size -1 once meant range(0, n, -1): no request at all, then INTACT 20/20."""
+    stub.answers.append(labels_answer(watermarked["key_labels"]))
+    assert_one_error_line(verify_url(watermarked, stub.url, "--batch-size", -1), "--batch-size")
+    assert stub.requests == []
+
+
+def test_a_batched_verification_sends_every_trigger(watermarked, stub):
+    key = watermarked["key_labels"]
+    stub.answers += [labels_answer(key[i:i + 7]) for i in range(0, 30, 7)]
+    proc = verify_url(watermarked, stub.url, "--batch-size", 7, "--json")
+    assert proc.returncode == 0 and json.loads(proc.stdout)["n"] == 30
+    assert [body["inputs"][0]["shape"][0] for _, body in stub.requests] == [7, 7, 7, 7, 2]
+
+
+def test_a_redirect_to_a_canned_page_is_an_error_never_intact(watermarked, stub):
+    canned = labels_answer(watermarked["key_labels"])[1]
+
+    class Redirect(stub.RequestHandlerClass):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(302)
+            self.send_header("Location", "/canned")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def do_GET(self):   # what urllib used to send after the redirect: no triggers, a canned "all match"
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(canned.encode())
+    stub.RequestHandlerClass = Redirect
+    assert_one_error_line(verify_url(watermarked, stub.url, "--retries", 0), "redirected (HTTP 302")
+
+
+@pytest.mark.parametrize("num_classes, expected", [(1000, "says 1000 classes"), (1, "at least 2")])
+def test_a_key_that_claims_another_class_count_is_refused(watermarked, stub, tmp_path, num_classes, expected):
+    """The p-value's chance rate is 1 / classes: a key claiming 1000 classes once made p = 1e-60."""
+    key = tmp_path / "key.json"
+    key.write_text(json.dumps({"labels": watermarked["key_labels"], "num_classes": num_classes}))
+    stub.answers.append(labels_answer(watermarked["key_labels"]))
+    proc = run_script("verify.py", "--url", stub.url, "--triggers", watermarked["triggers"], "--key", key,
+                      check=False)
+    assert_one_error_line(proc, expected)
+
+
+@pytest.mark.parametrize("timeout", ["inf", "0", "-3"])
+def test_a_timeout_that_bounds_nothing_is_refused(watermarked, stub, timeout):
+    assert_one_error_line(run_script("verify.py", "--url", stub.url, "--triggers", watermarked["triggers"],
+                                     "--timeout", timeout, check=False), "--timeout")
+    assert stub.requests == []

@@ -39,3 +39,25 @@ def test_p_value_and_margins():
     assert chance_p_value(0, 10, 10) == 1.0
     assert chance_p_value(10, 10, 10) == pytest.approx(1e-10)
     assert top2_margins(torch.tensor([[3.0, 1.0, 2.5], [0.0, 4.0, 1.0]])).tolist() == [0.5, 3.0]
+
+
+def test_compare_refuses_a_verdict_on_fewer_or_more_labels_than_triggers():
+    from fragile.core.cli import UserError
+    with pytest.raises(UserError, match="0 labels came back for 3 triggers"):
+        compare([], [1, 2, 3], 10)
+    with pytest.raises(UserError, match="4 labels came back"):
+        compare([1, 2, 3, 4], [1, 2, 3], 10)
+
+
+@pytest.mark.parametrize("tolerance", [-1, 3, 1000])
+def test_a_tolerance_that_decides_nothing_is_refused(tolerance):
+    from fragile.core.cli import UserError
+    with pytest.raises(UserError, match="--max-mismatches must be an integer in 0..2"):
+        compare([1, 2, 3], [1, 2, 3], 10, max_mismatches=tolerance)
+
+
+@pytest.mark.parametrize("order", [[0, 1], [0, 1, 1], [0, 1, 5], "012"])
+def test_a_query_order_that_is_not_a_permutation_is_refused(order):
+    from fragile.core.cli import UserError
+    with pytest.raises(UserError, match="not a permutation"):
+        compare([1, 2, 3], [1, 2, 3], 10, order=order)

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The whole test suite, in the environment scripts/setup.sh makes (set up first where missing):
+#   make test                       # the same; .ci/run calls exactly this
+#   scripts/test.sh -m "not integration"   # extra arguments go to pytest
+# pytest's exit code 5 (no tests collected) is a failure, as any other non-zero code.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh --serve
+set +e
+"${VENV:-.venv}/bin/python" -m pytest -q tests "$@"
+code=$?
+set -e
+[ "$code" -eq 5 ] && echo "error: pytest collected no tests" >&2
+exit "$code"
