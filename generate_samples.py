@@ -73,7 +73,7 @@ from fragile.watermark.jitter import ENVELOPE_ENTRIES, resolve_envelope
 from fragile.watermark.keys import key_payload, key_sha256, make_key
 from fragile.watermark.methods.fragility import FragilityParams, fragility_order
 from fragile.watermark.methods.paper import RECIPES
-from fragile.watermark.paths import default_paths, finish_interrupted_swap, save_watermark
+from fragile.watermark.paths import STAGED, default_paths, finish_interrupted_swap, save_watermark
 from fragile.watermark.trigger_io import MAX_TRIGGERS, load_triggers, trigger_meta
 from fragile.watermark.verify import labels_and_margins, margin_summary
 from models import ARCHS
@@ -113,7 +113,7 @@ def output_paths(model_path):
               f"({'the new set is in place' if fixed == 'finished' else 'the previous set is back'})")
     refuse_existing(out, OVERWRITE, "trigger set")
     refuse_existing(key_out, OVERWRITE, "key file", "--key-out")
-    check_writable(os.path.join(out, "meta.json"))
+    check_writable(out + STAGED, "--out")   # the new set is staged beside ``out`` (no empty ``out`` is left behind)
     check_writable(key_out, "--key-out")
     return out, key_out
 

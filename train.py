@@ -107,6 +107,8 @@ def check_output(out):
     """The checkpoint is written only where it may be: a file path in a writable folder, and never over an existing
     checkpoint (whose trigger sets would stop verifying) unless --overwrite or --resume says so."""
     check_writable(out)
+    if RESUME:
+        read_resume(out)   # a missing or unusable resume file fails now, before the data is loaded
     if os.path.exists(out) and not (OVERWRITE or RESUME):
         stem = out[:-3] if out.endswith(".pt") else out
         triggers = sorted(glob.glob(glob.escape(stem) + "_triggers_*"))

@@ -218,6 +218,18 @@ def test_an_existing_set_is_replaced_only_with_overwrite(watermarked, tmp_path):
     assert not [n for n in os.listdir(tmp_path) if n.endswith((".new", ".prev"))]
 
 
+def test_a_failed_generation_leaves_nothing_that_blocks_the_next_run(watermarked, tmp_path):
+    """A generator that gives up writes no trigger folder and no key (not even an empty folder), so the rerun with
+    more steps is not refused as "exists"."""
+    args = ["--model", watermarked["model"], "--num-triggers", 10, "--device", "cpu", "--recipe", "fast",
+            "--no-progress", "--out", tmp_path / "t", "--key-out", tmp_path / "k.json"]
+    failed = run_script("generate_samples.py", *args, "--max-steps", 1, check=False)
+    assert failed.returncode == 2 and "did not put every 8-bit trigger" in failed.stderr, failed.stderr
+    assert os.listdir(tmp_path) == []
+    assert run_script("generate_samples.py", *args).returncode == 0
+    assert sorted(os.listdir(tmp_path)) == ["k.json", "t"]
+
+
 @pytest.mark.parametrize("args, expected", [
     (["--num-triggers", 0], "--num-triggers"), (["--max-steps", 0], "--max-steps"), (["--lr", -1], "--lr"),
     (["--out", "FILE/triggers"], "cannot create output folder"),

@@ -65,7 +65,7 @@ def generate(job, p):
                 triggers = quantize(generator(z))
                 matched = (model(to_float(triggers)).argmax(1) == key_t).sum().item()
             bar.set_postfix(loss=f"{loss.item():.4f}", on_key=f"{matched}/{len(key)}")
-            if not job.progress:  # without a bar, a log line says how far it got
+            if not job.progress and step % 25 == 0:  # without a bar, a log line every 25 steps says how far it got
                 log(f"step {step}: loss {loss.item():.4f}, 8-bit triggers on key {matched}/{len(key)}")
             if matched == len(key):
                 bar.close()
