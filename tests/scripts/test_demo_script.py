@@ -14,7 +14,7 @@ pytestmark = pytest.mark.integration
 
 def demo(out):
     env = {**os.environ, "OUT": str(out), "SKIP_SETUP": "1", "VENV": sys.prefix, "DEMO_DATASET": "synthetic",
-           "DEMO_TRIGGERS": "12", "DEMO_TRAIN_ARGS": "--epochs 3 --recipe fast",
+           "DEMO_TRIGGERS": "12", "DEMO_TRAIN_ARGS": "--epochs 2 --train-subset 2000 --recipe fast",
            "DEMO_GENERATOR_ARGS": "--recipe fast", "DEMO_FINETUNE_ARGS": "--epochs 1 --train-subset 400 "
            "--test-subset 200", "PYTHONPATH": ROOT}
     return subprocess.run(["bash", os.path.join(ROOT, "scripts", "demo.sh")], cwd=ROOT, env=env,
