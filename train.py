@@ -105,10 +105,10 @@ def check_settings():
 
 def check_output(out):
     """The checkpoint is written only where it may be: a file path in a writable folder, and never over an existing
-    checkpoint (whose trigger sets would stop verifying) unless --overwrite or --resume says so."""
+    checkpoint (whose trigger sets would stop verifying) unless --overwrite or --resume says so. With --resume, the
+    interrupted run's payload, read and checked now, before the data is loaded (None otherwise)."""
     check_writable(out)
-    if RESUME:
-        read_resume(out)   # a missing or unusable resume file fails now, before the data is loaded
+    resume = read_resume(out) if RESUME else None
     if os.path.exists(out) and not (OVERWRITE or RESUME):
         stem = out[:-3] if out.endswith(".pt") else out
         triggers = sorted(glob.glob(glob.escape(stem) + "_triggers_*"))
@@ -118,6 +118,7 @@ def check_output(out):
     if os.path.exists(resume_path(out)) and not (OVERWRITE or RESUME):
         raise UserError(f"an interrupted run left {resume_path(out)}: pass --resume to continue it, or --overwrite "
                         f"to start afresh")
+    return resume
 
 
 def restore_log(out, records):
@@ -142,8 +143,7 @@ def main():
     config = apply_preset(globals(), config, recipe_settings(RECIPE, device))
     check_settings()
     device = dist.setup(BACKEND, device, [("batch-size", BATCH_SIZE)])
-    if dist.is_main():  # only rank 0 writes
-        check_output(out)
+    resume = check_output(out) if dist.is_main() else None   # only rank 0 writes (and reads the resume file)
     if SYNC_BN and device.type != "cuda":
         raise UserError("--sync-bn needs GPUs: torch's SyncBatchNorm does not run on the CPU")
     set_fast_math(FAST_MATH and device.type == "cuda")
@@ -169,7 +169,7 @@ def main():
     start_epoch, elapsed, test_acc, log_records = 0, 0.0, None, []
 
     if RESUME:
-        payload = dist.broadcast_from_main(read_resume(out) if dist.is_main() else None)  # rank 0's file
+        payload = dist.broadcast_from_main(resume)  # rank 0's file, read by check_output
         model.load_state_dict(payload["state_dict"])
         optimizer.load_state_dict(payload["train_state"]["optimizer"])
         start_epoch, elapsed = payload["train_state"]["epoch"], payload["train_state"]["elapsed"]
