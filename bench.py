@@ -53,7 +53,8 @@ import torch
 
 from fragile.core import distributed as dist
 from fragile.core.cli import UserError, apply_overrides, run_main
-from fragile.core.data import DATASETS, balanced_subset, device_generator, get_spec, load_split, synthetic_split
+from fragile.core.data import (DATASETS, balanced_subset, device_generator, get_spec, load_split, synthetic_split,
+                               train_batches)
 from fragile.core.devices import describe_device, resolve_device, seed_everything, set_fast_math, versions
 from fragile.core.io import atomic_write_json
 from fragile.core.reference_loop import pytorch_default_backends, reference_loader, reference_sgd, reference_steps
@@ -61,42 +62,57 @@ from fragile.core.training import make_sgd, prepare_model, sgd_kernels, train_st
 from fragile.watermark import methods
 from fragile.watermark.keys import make_key
 from fragile.watermark.methods.paper import RECIPES, PaperParams
-from fragile.watermark.verify import query_labels
+from fragile.watermark.queries import query_labels
 from models import ARCHS, build_classifier
 
-GPU_CPU_DEFAULTS = {"ARCH": ("resnet18", "resnet8"), "NUM_IMAGES": (50000, 2048), "BATCH_SIZE": (512, 32),
-                    "WARMUP_STEPS": (30, 2), "MEASURE_STEPS": (200, 6), "NUM_WORKERS": (2, 0),
-                    "GEN_STEPS": (200, 4), "VERIFY_REPEATS": (50, 5)}
+
+def auto(value, on_gpu, gpu, cpu):
+    """``value``, or its GPU or CPU default when it is auto (-1 / "auto")."""
+    if value in (-1, "auto"):
+        return gpu if on_gpu else cpu
+    return value
 
 
-def resolve_auto(config, device):
-    """Fill every auto (-1 / "auto") setting with its GPU or CPU default; reject impossible ones."""
-    for name, (gpu, cpu) in GPU_CPU_DEFAULTS.items():
-        if config[name] in (-1, "auto"):
-            config[name] = gpu if device.type == "cuda" else cpu
-    for name in ("NUM_IMAGES", "BATCH_SIZE", "MEASURE_STEPS", "NUM_TRIGGERS", "GEN_STEPS", "VERIFY_REPEATS"):
-        if config[name] < 1:
-            raise UserError(f"--{name.lower().replace('_', '-')} must be at least 1 (or -1 for the default)")
-    if config["WARMUP_STEPS"] < 0 or config["NUM_WORKERS"] < 0:
+def resolve_auto(device):
+    """Fill every auto setting with its GPU or CPU default, once, in the header's constants; reject impossible
+    ones. The values it settled, for the JSON's record of the config."""
+    global ARCH, NUM_IMAGES, BATCH_SIZE, WARMUP_STEPS, MEASURE_STEPS, NUM_WORKERS, GEN_STEPS, VERIFY_REPEATS
+    on_gpu = device.type == "cuda"
+    ARCH = auto(ARCH, on_gpu, "resnet18", "resnet8")
+    NUM_IMAGES = auto(NUM_IMAGES, on_gpu, 50000, 2048)
+    BATCH_SIZE = auto(BATCH_SIZE, on_gpu, 512, 32)
+    WARMUP_STEPS = auto(WARMUP_STEPS, on_gpu, 30, 2)
+    MEASURE_STEPS = auto(MEASURE_STEPS, on_gpu, 200, 6)
+    NUM_WORKERS = auto(NUM_WORKERS, on_gpu, 2, 0)
+    GEN_STEPS = auto(GEN_STEPS, on_gpu, 200, 4)
+    VERIFY_REPEATS = auto(VERIFY_REPEATS, on_gpu, 50, 5)
+    for flag, value in (("--num-images", NUM_IMAGES), ("--batch-size", BATCH_SIZE), ("--measure-steps", MEASURE_STEPS),
+                        ("--num-triggers", NUM_TRIGGERS), ("--gen-steps", GEN_STEPS),
+                        ("--verify-repeats", VERIFY_REPEATS)):
+        if value < 1:
+            raise UserError(f"{flag} must be at least 1 (or -1 for the default)")
+    if WARMUP_STEPS < 0 or NUM_WORKERS < 0:
         raise UserError("--warmup-steps and --num-workers must be 0 or more (or -1 for the default)")
-    if config["BATCH_SIZE"] > config["NUM_IMAGES"]:
-        raise UserError(f"--batch-size {config['BATCH_SIZE']} is larger than --num-images {config['NUM_IMAGES']}")
+    if BATCH_SIZE > NUM_IMAGES:
+        raise UserError(f"--batch-size {BATCH_SIZE} is larger than --num-images {NUM_IMAGES}")
     # whole batches only, in both loops: no ragged last step (and no recompile for it under --compile)
-    config["NUM_IMAGES"] -= config["NUM_IMAGES"] % config["BATCH_SIZE"]
-    if config["ARCH"] not in ARCHS:
-        raise UserError(f"unknown arch {config['ARCH']!r}: choose auto or one of {', '.join(ARCHS)}")
-    return config
+    NUM_IMAGES -= NUM_IMAGES % BATCH_SIZE
+    if ARCH not in ARCHS:
+        raise UserError(f"unknown arch {ARCH!r}: choose auto or one of {', '.join(ARCHS)}")
+    return dict(ARCH=ARCH, NUM_IMAGES=NUM_IMAGES, BATCH_SIZE=BATCH_SIZE, WARMUP_STEPS=WARMUP_STEPS,
+                MEASURE_STEPS=MEASURE_STEPS, NUM_WORKERS=NUM_WORKERS, GEN_STEPS=GEN_STEPS,
+                VERIFY_REPEATS=VERIFY_REPEATS)
 
 
-def bench_data(cfg):
+def bench_data():
     """(spec, training split on the CPU): synthetic images stand in for CIFAR-10, with its augmentation."""
-    spec = get_spec(cfg["DATASET"])
+    spec = get_spec(DATASET)
     if spec.name == "synthetic":
-        if cfg["CIFAR_AUGMENT"]:
+        if CIFAR_AUGMENT:
             spec = dataclasses.replace(spec, crop_padding=4, horizontal_flip=True)
-        return spec, synthetic_split(spec, True, n=cfg["NUM_IMAGES"], seed=cfg["SEED"])
-    split = balanced_subset(load_split(spec, cfg["DATA_DIR"], True), cfg["NUM_IMAGES"], spec.num_classes)
-    return spec, split.subset(torch.arange(len(split) - len(split) % cfg["BATCH_SIZE"]))
+        return spec, synthetic_split(spec, True, n=NUM_IMAGES, seed=SEED)
+    split = balanced_subset(load_split(spec, DATA_DIR, True), NUM_IMAGES, spec.num_classes)
+    return spec, split.subset(torch.arange(len(split) - len(split) % BATCH_SIZE))
 
 
 def synchronize(device):
@@ -118,48 +134,49 @@ def time_steps(steps, warmup, measure, device):
             "warmup_s": t0 - started}
 
 
-def our_steps(model, optimizer, split, spec, cfg, device):
+def our_steps(model, optimizer, split, spec, device):
     """Endless steps of fragile.core.training.train_steps (the loop train.py and eval.py run); under torchrun each
     rank's share of the global batch, counted as the whole global batch (every rank steps together)."""
-    gen = device_generator(device, cfg["SEED"])
+    gen = device_generator(device, SEED)
     while True:
-        for _, _, _, n in train_steps(model, optimizer, split, spec, gen, cfg["BATCH_SIZE"], device, cfg["AMP"],
-                                      rank=dist.rank(), world_size=dist.world_size()):
+        batches = train_batches(split, BATCH_SIZE, spec, gen, rank=dist.rank(), world_size=dist.world_size())
+        for _, _, _, n in train_steps(model, optimizer, batches, AMP):
             yield n * dist.world_size()
 
 
-def bench_ours(model, split, spec, cfg, device):
-    set_fast_math(cfg["FAST_MATH"] and device.type == "cuda")
-    model = prepare_model(model, device, cfg["CHANNELS_LAST"] and device.type == "cuda")
-    optimizer = make_sgd(model, cfg["LR"], 0.9, 5e-4, kernels=sgd_kernels(cfg["FUSED_OPTIMIZER"]))
+def bench_ours(model, split, spec, device):
+    on_gpu = device.type == "cuda"
+    set_fast_math(FAST_MATH and on_gpu)
+    model = prepare_model(model, device, CHANNELS_LAST and on_gpu)
+    optimizer = make_sgd(model, LR, 0.9, 5e-4, kernels=sgd_kernels(FUSED_OPTIMIZER))
     train_model = dist.wrap(model, device)
-    train_model = torch.compile(train_model) if cfg["COMPILE"] else train_model
-    result = time_steps(our_steps(train_model, optimizer, split.to(device), spec, cfg, device),
-                        cfg["WARMUP_STEPS"], cfg["MEASURE_STEPS"], device)
-    paths = {"amp": cfg["AMP"] and device.type == "cuda", "channels_last": cfg["CHANNELS_LAST"] and device.type == "cuda",
-             "optimizer": ("fused" if device.type == "cuda" else "foreach") if cfg["FUSED_OPTIMIZER"] else "for-loop",
-             "fast_math": cfg["FAST_MATH"] and device.type == "cuda", "compile": cfg["COMPILE"]}
+    train_model = torch.compile(train_model) if COMPILE else train_model
+    result = time_steps(our_steps(train_model, optimizer, split.to(device), spec, device), WARMUP_STEPS,
+                        MEASURE_STEPS, device)
+    paths = {"amp": AMP and on_gpu, "channels_last": CHANNELS_LAST and on_gpu,
+             "optimizer": ("fused" if on_gpu else "foreach") if FUSED_OPTIMIZER else "for-loop",
+             "fast_math": FAST_MATH and on_gpu, "compile": COMPILE}
     return dict(result, pipeline="uint8 on device, on-device augmentation", speed_paths=paths,
                 world_size=dist.world_size()), model
 
 
-def bench_reference(model, split, spec, cfg, device):
+def bench_reference(model, split, spec, device):
     pytorch_default_backends()
     model = model.to(device)
-    loader = reference_loader(split, spec, cfg["BATCH_SIZE"], cfg["NUM_WORKERS"], cfg["SEED"])
-    steps = reference_steps(model, reference_sgd(model, cfg["LR"]), loader, device)
-    result = time_steps(steps, cfg["WARMUP_STEPS"], cfg["MEASURE_STEPS"], device)
+    loader = reference_loader(split, spec, BATCH_SIZE, NUM_WORKERS, SEED)
+    steps = reference_steps(model, reference_sgd(model, LR), loader, device)
+    result = time_steps(steps, WARMUP_STEPS, MEASURE_STEPS, device)
     steps.close()  # ends the loop; the DataLoader (and any workers) go with it
-    return dict(result, pipeline="DataLoader, per-sample PIL transforms, fp32, NCHW", num_workers=cfg["NUM_WORKERS"])
+    return dict(result, pipeline="DataLoader, per-sample PIL transforms, fp32, NCHW", num_workers=NUM_WORKERS)
 
 
-def bench_trigger_generation(model, spec, cfg, device):
+def bench_trigger_generation(model, spec, device):
     """Wall time of the paper's generator for NUM_TRIGGERS triggers, capped at GEN_STEPS generator steps (the
-    paper's loss and Adam betas, the fast recipe's learning rate)."""
+    paper's loss, lambda and Adam betas: PaperParams' defaults; the fast recipe's learning rate)."""
     set_fast_math(False)  # generation runs in exact fp32, as generate_samples.py runs it
-    key, _ = make_key(cfg["NUM_TRIGGERS"], spec.num_classes, seed=cfg["SEED"])
-    params = PaperParams(latent_dim=cfg["LATENT_DIM"], latent_seed=cfg["SEED"], gen_channels=cfg["GEN_CHANNELS"],
-                         lam=150.0, lr=RECIPES["fast"]["LR"], beta1=0.5, beta2=0.999, max_steps=cfg["GEN_STEPS"])
+    key, _ = make_key(NUM_TRIGGERS, spec.num_classes, seed=SEED)
+    params = PaperParams(latent_dim=LATENT_DIM, latent_seed=SEED, gen_channels=GEN_CHANNELS, lr=RECIPES["fast"].lr,
+                         max_steps=GEN_STEPS)
     job = methods.TriggerJob(model, spec, key, device, log=lambda *_: None)
     synchronize(device)
     t0 = time.perf_counter()
@@ -167,11 +184,11 @@ def bench_trigger_generation(model, spec, cfg, device):
         _, info = methods.generate("paper", job, params)
         steps, completed = info["steps"], True
     except UserError:  # the step cap came first: the expected outcome for a short timing run
-        steps, completed = cfg["GEN_STEPS"], False
+        steps, completed = GEN_STEPS, False
     synchronize(device)
     seconds = time.perf_counter() - t0
-    return {"num_triggers": cfg["NUM_TRIGGERS"], "step_cap": cfg["GEN_STEPS"], "steps": steps,
-            "all_on_key": completed, "seconds": seconds, "ms_per_step": 1000 * seconds / steps}
+    return {"num_triggers": NUM_TRIGGERS, "step_cap": GEN_STEPS, "steps": steps, "all_on_key": completed,
+            "seconds": seconds, "ms_per_step": 1000 * seconds / steps}
 
 
 def median_ms(fn, repeats):
@@ -184,13 +201,13 @@ def median_ms(fn, repeats):
     return statistics.median(times)
 
 
-def bench_verification(model, spec, cfg):
+def bench_verification(model, spec):
     """query_labels (fp32, no TF32) on NUM_TRIGGERS uint8 triggers held on the CPU, as verify.py queries them."""
-    gen = torch.Generator().manual_seed(cfg["SEED"])
-    triggers = torch.randint(0, 256, (cfg["NUM_TRIGGERS"], *spec.shape), generator=gen, dtype=torch.uint8)
-    return {"num_triggers": cfg["NUM_TRIGGERS"], "repeats": cfg["VERIFY_REPEATS"],
-            "all_at_once_ms": median_ms(lambda: query_labels(model, triggers), cfg["VERIFY_REPEATS"]),
-            "one_per_query_ms": median_ms(lambda: query_labels(model, triggers, 1), cfg["VERIFY_REPEATS"])}
+    gen = torch.Generator().manual_seed(SEED)
+    triggers = torch.randint(0, 256, (NUM_TRIGGERS, *spec.shape), generator=gen, dtype=torch.uint8)
+    return {"num_triggers": NUM_TRIGGERS, "repeats": VERIFY_REPEATS,
+            "all_at_once_ms": median_ms(lambda: query_labels(model, triggers), VERIFY_REPEATS),
+            "one_per_query_ms": median_ms(lambda: query_labels(model, triggers, 1), VERIFY_REPEATS)}
 
 
 def table(r):
@@ -209,19 +226,18 @@ def table(r):
     return "\n".join(lines)
 
 
-def bench_data_parallel(cfg, device):
+def bench_data_parallel(config, device):
     """Under torchrun: our loop alone, in DDP; rank 0 reports the job's images/s."""
-    spec, split = bench_data(cfg)
+    spec, split = bench_data()
     seed_everything(SEED)
-    ours, _ = bench_ours(build_classifier(cfg["ARCH"], spec), split, spec, cfg, device)
+    ours, _ = bench_ours(build_classifier(ARCH, spec), split, spec, device)
     world = dist.world_size()
-    print(f"{cfg['ARCH']} on {world} x {describe_device(device)}, global batch {cfg['BATCH_SIZE']} "
-          f"({cfg['BATCH_SIZE'] // world} per rank), {cfg['WARMUP_STEPS']} warm-up + {cfg['MEASURE_STEPS']} timed steps: "
-          f"{ours['images_per_s']:.1f} images/s")
-    result = {"device": describe_device(device), "device_type": device.type, "arch": cfg["ARCH"],
-              "dataset": spec.name, "batch_size": cfg["BATCH_SIZE"], "world_size": world, "ours": ours,
-              "config": cfg, "versions": versions(device), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    out = OUT or os.path.join("bench", f"bench_{cfg['ARCH']}_{device.type}_ddp{world}.json")
+    print(f"{ARCH} on {world} x {describe_device(device)}, global batch {BATCH_SIZE} ({BATCH_SIZE // world} per rank), "
+          f"{WARMUP_STEPS} warm-up + {MEASURE_STEPS} timed steps: {ours['images_per_s']:.1f} images/s")
+    result = {"device": describe_device(device), "device_type": device.type, "arch": ARCH,
+              "dataset": spec.name, "batch_size": BATCH_SIZE, "world_size": world, "ours": ours,
+              "config": config, "versions": versions(device), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    out = OUT or os.path.join("bench", f"bench_{ARCH}_{device.type}_ddp{world}.json")
     dist.on_main(atomic_write_json, result, out)
     print(f"-> {out}")
     dist.cleanup()
@@ -234,29 +250,29 @@ def main():
         raise UserError("--threads must be 0 (torch's default) or more")
     if THREADS:
         torch.set_num_threads(THREADS)
-    cfg = resolve_auto(dict(config), device)
-    device = dist.setup("auto", device, [("batch-size", cfg["BATCH_SIZE"])])
+    config.update(resolve_auto(device))
+    device = dist.setup("auto", device, [("batch-size", BATCH_SIZE)])
     if dist.launched():
-        return bench_data_parallel(cfg, device)
-    out = OUT or os.path.join("bench", f"bench_{cfg['ARCH']}_{device.type}.json")
-    spec, split = bench_data(cfg)
+        return bench_data_parallel(config, device)
+    out = OUT or os.path.join("bench", f"bench_{ARCH}_{device.type}.json")
+    spec, split = bench_data()
     seed_everything(SEED)
-    initial = build_classifier(cfg["ARCH"], spec)
-    print(f"{cfg['ARCH']} on {describe_device(device)}: {len(split)} images {spec.shape}, batch {cfg['BATCH_SIZE']}, "
-          f"{cfg['WARMUP_STEPS']} warm-up + {cfg['MEASURE_STEPS']} timed steps per loop", flush=True)
+    initial = build_classifier(ARCH, spec)
+    print(f"{ARCH} on {describe_device(device)}: {len(split)} images {spec.shape}, batch {BATCH_SIZE}, "
+          f"{WARMUP_STEPS} warm-up + {MEASURE_STEPS} timed steps per loop", flush=True)
 
-    ours, trained = bench_ours(copy.deepcopy(initial), split, spec, cfg, device)
+    ours, trained = bench_ours(copy.deepcopy(initial), split, spec, device)
     print(f"ours: {ours['images_per_s']:.1f} images/s", flush=True)
-    reference = bench_reference(copy.deepcopy(initial), split, spec, cfg, device)
+    reference = bench_reference(copy.deepcopy(initial), split, spec, device)
     print(f"reference: {reference['images_per_s']:.1f} images/s", flush=True)
-    generation = bench_trigger_generation(copy.deepcopy(trained), spec, cfg, device)
-    verification = bench_verification(trained, spec, cfg)
+    generation = bench_trigger_generation(copy.deepcopy(trained), spec, device)
+    verification = bench_verification(trained, spec)
 
-    result = {"device": describe_device(device), "device_type": device.type, "arch": cfg["ARCH"],
-              "dataset": spec.name, "image_shape": list(spec.shape), "batch_size": cfg["BATCH_SIZE"],
-              "num_images": len(split), "warmup_steps": cfg["WARMUP_STEPS"], "measure_steps": cfg["MEASURE_STEPS"],
+    result = {"device": describe_device(device), "device_type": device.type, "arch": ARCH,
+              "dataset": spec.name, "image_shape": list(spec.shape), "batch_size": BATCH_SIZE,
+              "num_images": len(split), "warmup_steps": WARMUP_STEPS, "measure_steps": MEASURE_STEPS,
               "ours": ours, "reference": reference, "ratio": ours["images_per_s"] / reference["images_per_s"],
-              "trigger_generation": generation, "verification": verification, "config": cfg,
+              "trigger_generation": generation, "verification": verification, "config": config,
               "versions": versions(device), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     print(table(result))
     atomic_write_json(result, out)

@@ -20,7 +20,11 @@ TRAIN_SUBSET = 0           # >0: fine-tune on this many samples, class-balanced
 TEST_SUBSET = 0            # >0: measure clean accuracy / ASR on this many test images
 DEVICE = "auto"            # under torchrun: each rank takes cuda:LOCAL_RANK
 BACKEND = "auto"           # torchrun only: auto (nccl on GPUs, gloo on CPU) | nccl | gloo
-# fine-tuning: the paper's settings
+MAX_MISMATCHES = 0         # verification tolerance, as in verify.py
+EVAL_BATCH_SIZE = 1024
+DATA_ON_DEVICE = True      # keep the fine-tuning data on the device (off: on the CPU, batches copied over)
+FAST_MATH = True           # TF32 and cuDNN autotuning for the fine-tuning steps on GPU (verification pins fp32 itself)
+# fine-tuning, the paper's attack and its settings (finetune, poison, and every attack that fine-tunes)
 EPOCHS = 40
 BATCH_SIZE = 256
 LR = 1e-3
@@ -30,48 +34,52 @@ DECAY_ALL = True           # weight decay on every parameter, batch norm include
 AUGMENT = True
 FREEZE_BN = False          # fine-tune with batch-norm statistics frozen (only the weights move)
 AMP = True                 # mixed precision for the fine-tuning steps on GPU: bf16, or fp16 + loss scaling (verification stays fp32)
-FAST_MATH = True           # TF32 and cuDNN autotuning for the fine-tuning steps on GPU (verification pins fp32 itself)
 FUSED_OPTIMIZER = True
-DATA_ON_DEVICE = True      # keep the fine-tuning data on the device (off: on the CPU, batches copied over)
+CHANNELS_LAST = True       # channels_last fine-tuning on GPU
+COMPILE = False            # torch.compile the fine-tuned copy
 EARLY_STEPS = [1, 2, 5, 10, 20, 50, 100]   # extra measurements inside the first epoch
-MAX_MISMATCHES = 0         # verification tolerance, as in verify.py
-EVAL_BATCH_SIZE = 1024
-# poison (BadNets)
+# poison: BadNets (fragile/tamper/finetune.py)
 POISON_FRACTION = 0.1
 POISON_TARGET = 0
 PATCH_SIZE = 3
 PATCH_POSITION = "bottom-right"   # bottom-right | bottom-left | top-right | top-left
 PATCH_VALUE = 255                 # patch colour, 0-255
-CHANNELS_LAST = True       # channels_last fine-tuning on GPU
-COMPILE = False            # torch.compile the fine-tuned copy
-# tamper suite (fine-prune, obfuscate, noise, single-weight, bitflip, prune, quantize, restore)
+# every random sweep (noise, single-weight, bitflip)
 TAMPER_ACCURACY_TRIALS = 3        # per sweep point, detected and missed trials each that measure clean accuracy
+# fine-prune (fragile/tamper/fine_prune.py)
 FINE_PRUNE_ACCURACY_DROP = 0.05   # prune last-layer channels until clean accuracy has dropped this much (absolute)
 FINE_PRUNE_RANK_SAMPLES = 2000    # clean training images that rank the channels by mean activation
 FINE_PRUNE_EPOCHS = 2             # clean fine-tuning after pruning (pruned channels stay pruned)
 FINE_PRUNE_POISONED_MODEL = ""    # also defend this poisoned copy (eval.py --attack poison --save-tampered X.pt)
+# obfuscate (fragile/tamper/obfuscate.py)
 OBFUSCATE_KS = [1, 10, 100, 275]  # weights obfuscated (NNSplitter: 275 of ResNet-18's 11M)
 OBFUSCATE_STEPS = 40              # signed-gradient ascent steps on the clean loss
 OBFUSCATE_BATCH_SIZE = 128        # clean training images per ascent step
 OBFUSCATE_STEP_SIZE = 0.05        # per step, as a fraction of the weight's layer's largest |w|
+# noise (fragile/tamper/perturbation.py)
 NOISE_SIGMAS = [1e-6, 1e-5, 1e-4, 1e-3, 1e-2]   # std of the Gaussian added to every weight (absolute)
 NOISE_TRIALS = 20
+# single-weight (fragile/tamper/perturbation.py)
 SINGLE_WEIGHT_EPSILONS = [1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0]   # one weight times (1 +- epsilon)
 SINGLE_WEIGHT_TRIALS = 20
+# bitflip (fragile/tamper/perturbation.py)
 BITFLIP_KS = [1, 10, 100]         # weights that get one flipped bit each
 BITFLIP_CLASSES = ["mantissa-low", "mantissa-high", "exponent", "sign"]
 BITFLIP_TRIALS = 20
+# prune (fragile/tamper/compression.py)
 PRUNE_RATIOS = [0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9]   # global magnitude pruning of conv/linear weights
+# quantize (fragile/tamper/compression.py)
 QUANTIZE_MODES = ["fp16", "bf16", "int8", "int8-tensor"]   # storage round trips; int8 weight-only per channel / tensor
+# restore (fragile/tamper/restore.py)
 RESTORE_ATTACK_EPOCHS = 2         # restore: the attacker's fine-tuning first...
 RESTORE_ATTACK_LR = 0.05          # ...at a learning rate high enough to fade a robust watermark
 RESTORE_EPOCHS = 1                # then brief training on the original training data
 RESTORE_LR = 1e-3
 RESTORE_RECOVERED = 0.9           # robust watermark counts as restored at >= this fraction of its accuracy before
-# benign matrix
+# benign matrix, an experiment (--attack benign; fragile/tamper/benign.py)
 BENIGN_BATCH_SIZES = [1, 16]       # compared with all triggers at once
 ENVELOPE = []                      # settings the matrix covers (fragile/watermark/jitter.py); empty: the triggers' own envelope
-# method comparison (--attack compare; fragile/experiments/compare.py)
+# method comparison, an experiment (--attack compare; fragile/tamper/compare.py)
 COMPARE_FINETUNE_EPOCHS = 1
 COMPARE_NOISE_SIGMAS = [1e-5, 1e-4, 1e-3]
 COMPARE_TRIALS = 20                # noise and single-weight trials
@@ -89,23 +97,91 @@ import time
 
 import torch
 
-from fragile.attacks.context import EvalContext, FinetuneParams, PoisonParams
 from fragile.core import distributed as dist
-from fragile.core.cli import UserError, apply_overrides, check_nonempty, check_range, from_header, run_main
+from fragile.core.cli import (UserError, apply_overrides, check_choices, check_nonempty, check_positive_int,
+                              check_range, check_sweep, run_main)
 from fragile.core.data import DATASETS, balanced_subset, get_spec, load_split
 from fragile.core.devices import describe_device, resolve_device, set_fast_math, versions
 from fragile.core.io import (check_writable, check_writable_dir, default_checkpoint_path, load_classifier,
                              read_checkpoint, refuse_existing, save_classifier)
-from fragile.core.results import claim_results, results_path, write_results
-from fragile.experiments.registry import ATTACKS, DATA_PARALLEL
+from fragile.tamper import records
+from fragile.tamper.benign import BenignParams
+from fragile.tamper.compare import CompareParams
+from fragile.tamper.compression import QUANTIZERS, PruneParams, QuantizeParams
+from fragile.tamper.context import Deployment, EvalContext, FinetuneParams, PoisonParams, Probe
+from fragile.tamper.fine_prune import FinePruneParams
+from fragile.tamper.obfuscate import ObfuscateParams
+from fragile.tamper.perturbation import BIT_CLASSES, BitflipParams, NoiseParams, SingleWeightParams
+from fragile.tamper.registry import DATA_PARALLEL, RUNNABLE, lookup
+from fragile.tamper.restore import RestoreParams
 from fragile.watermark.jitter import ENVELOPE_ENTRIES
 from fragile.watermark.paths import load_watermark, tensor_file, triggers_path
-from fragile.watermark.verify import check_compatible, check_tolerance, query_labels
+from fragile.watermark.queries import check_compatible, check_tolerance, query_labels
 from models import ARCHS
 
 
+# ----------------------------------------------------------------------------- the header as parameter objects
+
+def finetune_params():
+    return FinetuneParams(epochs=EPOCHS, batch_size=BATCH_SIZE, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY,
+                          decay_all=DECAY_ALL, augment=AUGMENT, freeze_bn=FREEZE_BN, amp=AMP,
+                          fused_optimizer=FUSED_OPTIMIZER, channels_last=CHANNELS_LAST, compile=COMPILE,
+                          early_steps=EARLY_STEPS)
+
+
+def poison_params():
+    return PoisonParams(fraction=POISON_FRACTION, target=POISON_TARGET, patch_size=PATCH_SIZE,
+                        patch_position=PATCH_POSITION, patch_value=PATCH_VALUE)
+
+
+def benign_params():
+    return BenignParams(batch_sizes=BENIGN_BATCH_SIZES, envelope=ENVELOPE)
+
+
+def attack_params(attack):
+    """The parameter object of ``attack``, from the header constants of its section (None: finetune and poison,
+    which run on finetune_params and poison_params alone)."""
+    if attack == "fine-prune":
+        return FinePruneParams(accuracy_drop=FINE_PRUNE_ACCURACY_DROP, rank_samples=FINE_PRUNE_RANK_SAMPLES,
+                               epochs=FINE_PRUNE_EPOCHS, poisoned_model=FINE_PRUNE_POISONED_MODEL)
+    if attack == "obfuscate":
+        return ObfuscateParams(ks=OBFUSCATE_KS, steps=OBFUSCATE_STEPS, batch_size=OBFUSCATE_BATCH_SIZE,
+                               step_size=OBFUSCATE_STEP_SIZE)
+    if attack == "noise":
+        return NoiseParams(sigmas=NOISE_SIGMAS, trials=NOISE_TRIALS, accuracy_trials=TAMPER_ACCURACY_TRIALS)
+    if attack == "single-weight":
+        return SingleWeightParams(epsilons=SINGLE_WEIGHT_EPSILONS, trials=SINGLE_WEIGHT_TRIALS,
+                                  accuracy_trials=TAMPER_ACCURACY_TRIALS)
+    if attack == "bitflip":
+        return BitflipParams(ks=BITFLIP_KS, classes=BITFLIP_CLASSES, trials=BITFLIP_TRIALS,
+                             accuracy_trials=TAMPER_ACCURACY_TRIALS)
+    if attack == "prune":
+        return PruneParams(ratios=PRUNE_RATIOS)
+    if attack == "quantize":
+        return QuantizeParams(modes=QUANTIZE_MODES)
+    if attack == "restore":
+        return RestoreParams(attack_epochs=RESTORE_ATTACK_EPOCHS, attack_lr=RESTORE_ATTACK_LR, epochs=RESTORE_EPOCHS,
+                             lr=RESTORE_LR, recovered=RESTORE_RECOVERED)
+    if attack == "benign":
+        return benign_params()
+    if attack == "compare":
+        return CompareParams(finetune_epochs=COMPARE_FINETUNE_EPOCHS, noise_sigmas=COMPARE_NOISE_SIGMAS,
+                             trials=COMPARE_TRIALS, single_weight_eps=COMPARE_SINGLE_WEIGHT_EPS,
+                             obfuscate_k=COMPARE_OBFUSCATE_K, obfuscate_scale=COMPARE_OBFUSCATE_SCALE,
+                             benign=benign_params())
+    return None
+
+
+def run_settings():
+    """What every attack shares, as the results file records it."""
+    return dict(seeds=SEEDS, max_mismatches=MAX_MISMATCHES, eval_batch_size=EVAL_BATCH_SIZE, train_subset=TRAIN_SUBSET,
+                test_subset=TEST_SUBSET, triggers=TRIGGERS, key=KEY)
+
+
+# ----------------------------------------------------------------------------- checks before any work
+
 def check_settings():
-    """The numbers every attack shares, checked before any work (each attack checks its own)."""
+    """The numbers every attack shares, checked before any work."""
     check_nonempty("--seeds", SEEDS)
     if len(set(SEEDS)) != len(SEEDS):
         raise UserError(f"--seeds repeats a seed ({' '.join(map(str, SEEDS))}): each run needs its own")
@@ -121,6 +197,42 @@ def check_settings():
     check_range("--poison-fraction", POISON_FRACTION, 0, 1)
     check_range("--patch-value", PATCH_VALUE, 0, 255)
     check_range("--patch-size", PATCH_SIZE, 1)
+
+
+def check_attack_settings(attack):
+    """The settings of ``attack``'s own section, checked before the model is loaded."""
+    if attack in ("noise", "single-weight", "bitflip"):
+        check_range("--tamper-accuracy-trials", TAMPER_ACCURACY_TRIALS, 0)
+    if attack == "fine-prune":
+        check_range("--fine-prune-accuracy-drop", FINE_PRUNE_ACCURACY_DROP, 0, 1, low_open=True)
+        check_positive_int("--fine-prune-rank-samples", FINE_PRUNE_RANK_SAMPLES)
+        check_range("--fine-prune-epochs", FINE_PRUNE_EPOCHS, 0)
+    elif attack == "obfuscate":
+        check_sweep("--obfuscate-ks", OBFUSCATE_KS, 1)
+        check_positive_int("--obfuscate-steps", OBFUSCATE_STEPS)
+        check_positive_int("--obfuscate-batch-size", OBFUSCATE_BATCH_SIZE)
+    elif attack == "noise":
+        check_sweep("--noise-sigmas", NOISE_SIGMAS, 0)
+        check_positive_int("--noise-trials", NOISE_TRIALS)
+    elif attack == "single-weight":
+        check_sweep("--single-weight-epsilons", SINGLE_WEIGHT_EPSILONS, 0)
+        check_positive_int("--single-weight-trials", SINGLE_WEIGHT_TRIALS)
+    elif attack == "bitflip":
+        check_choices("--bitflip-classes", BITFLIP_CLASSES, BIT_CLASSES)
+        check_sweep("--bitflip-ks", BITFLIP_KS, 1)
+        check_positive_int("--bitflip-trials", BITFLIP_TRIALS)
+    elif attack == "prune":
+        check_sweep("--prune-ratios", PRUNE_RATIOS, 0, 1)
+    elif attack == "quantize":
+        check_choices("--quantize-modes", QUANTIZE_MODES, QUANTIZERS)
+    elif attack == "restore":
+        check_range("--restore-attack-epochs", RESTORE_ATTACK_EPOCHS, 0)
+        check_range("--restore-epochs", RESTORE_EPOCHS, 0)
+    elif attack == "compare":
+        check_range("--compare-finetune-epochs", COMPARE_FINETUNE_EPOCHS, 0)
+        check_sweep("--compare-noise-sigmas", COMPARE_NOISE_SIGMAS, 0)
+        check_positive_int("--compare-trials", COMPARE_TRIALS)
+        check_positive_int("--compare-obfuscate-k", COMPARE_OBFUSCATE_K)
 
 
 def check_outputs():
@@ -146,17 +258,20 @@ def check_made_for(model, model_meta, watermark, device):
                         f"triggers: these triggers were not made for it")
 
 
+# ----------------------------------------------------------------------------- the run
+
 def main():
     config = apply_overrides(globals(), __doc__, choices={"DATASET": list(DATASETS), "ARCH": list(ARCHS),
-                                                           "ATTACK": list(ATTACKS), "ENVELOPE": ENVELOPE_ENTRIES,
+                                                           "ATTACK": list(RUNNABLE), "ENVELOPE": ENVELOPE_ENTRIES,
                                                            "BACKEND": list(dist.BACKENDS)})
+    attack = lookup(ATTACK)
     check_settings()
+    check_attack_settings(ATTACK)
     device = dist.setup(BACKEND, resolve_device(DEVICE), [("batch-size", BATCH_SIZE)])
     if dist.world_size() > 1 and ATTACK not in DATA_PARALLEL:
         raise UserError(f"--attack {ATTACK} does not run data parallel: under torchrun only "
                         f"{' and '.join(DATA_PARALLEL)} do; run it with plain python")
-    attack = ATTACKS[ATTACK]
-    params = from_header(attack.params, globals()) if attack.params else None
+    params = attack_params(ATTACK)
     set_fast_math(FAST_MATH and device.type == "cuda")
     model_path = MODEL or default_checkpoint_path(ARCH, DATASET)
     model, model_meta = load_classifier(model_path, device)
@@ -166,17 +281,18 @@ def main():
     check_made_for(model, model_meta, watermark, device)
     spec = get_spec(model_meta["dataset"])
     method = watermark.meta.get("method", METHOD)
-    out = results_path(RESULTS_DIR, model_meta, method, ATTACK)
+    out = records.results_path(RESULTS_DIR, model_meta, method, ATTACK)
     if dist.is_main():   # rank 0 alone writes
         check_outputs()
-        claim_results(out, OVERWRITE)
+        records.claim_results(out, OVERWRITE)
     train, test = dist.local_main_first(load_splits, spec, device)
-    ctx = EvalContext(model, spec, train, test, watermark.triggers.to(device), torch.tensor(watermark.key), device,
-                      finetune=from_header(FinetuneParams, globals()), poison=from_header(PoisonParams, globals()),
-                      max_mismatches=MAX_MISMATCHES, eval_batch_size=EVAL_BATCH_SIZE,
-                      query_order=watermark.meta.get("query_order"),   # most fragile first (generate_samples.py)
-                      trigger_meta=watermark.meta, tensor_file=tensor_file(watermark.triggers_path),
-                      model_meta=model_meta, backdoor=read_checkpoint(model_path).get("backdoor"), progress=PROGRESS)
+    probe = Probe(watermark.triggers.to(device), torch.tensor(watermark.key), test, max_mismatches=MAX_MISMATCHES,
+                  eval_batch_size=EVAL_BATCH_SIZE,
+                  query_order=watermark.meta.get("query_order"),   # most fragile first (generate_samples.py)
+                  backdoor=read_checkpoint(model_path).get("backdoor"))
+    deployment = Deployment(watermark.meta, tensor_file(watermark.triggers_path), model_meta)
+    ctx = EvalContext(model, spec, train, device, probe, finetune=finetune_params(), poison=poison_params(),
+                      deployment=deployment, progress=PROGRESS)
     print(f"{ATTACK} on {model_path} ({model_meta['arch']}, {model_meta['dataset']}), {len(watermark.key)} triggers, "
           f"{describe_device(device)}")
 
@@ -185,12 +301,10 @@ def main():
         print(f"seed {seed}")
         run, tampered = attack.run(ctx, params, seed)
         runs.append(run)
-    results = {"attack": ATTACK, "model": model_path, "arch": model_meta["arch"], "dataset": model_meta["dataset"],
-               "method": method, "envelope": watermark.meta.get("envelope", ["exact"]),
-               "weights_sha256": model_meta["weights_sha256"],
-               "num_triggers": len(watermark.key), "config": config, "versions": versions(device),
-               "device": describe_device(device), "world_size": dist.world_size(),
-               "wall_time_s": round(time.time() - started, 2), "runs": runs}
+    settings = records.settings_record(run_settings(), finetune=ctx.finetune, poison=ctx.poison, attack=params)
+    results = records.results_record(ATTACK, method, model_path, model_meta, watermark.meta, len(watermark.key),
+                                     settings, config, versions(device), describe_device(device), dist.world_size(),
+                                     round(time.time() - started, 2), runs)
     dist.on_main(write_outputs, results, out, tampered, model_meta)
     dist.cleanup()
 
@@ -204,7 +318,7 @@ def load_splits(spec, device):
 
 def write_outputs(results, out, tampered, model_meta):
     """Results JSON and CSV, and the tampered model when asked (rank 0 alone under torchrun)."""
-    write_results(results, out)
+    records.write_results(results, out)
     print(f"results -> {out} (+ .csv)")
     if SAVE_TAMPERED and tampered is not None:
         save_classifier(SAVE_TAMPERED, tampered, dict(model_meta, tampered_by=ATTACK))

@@ -32,29 +32,32 @@ LR = 1e-4                  # (recipe) Adam
 BETA1 = 0.5
 BETA2 = 0.999
 MAX_STEPS = 2000           # step cap; generation stops as soon as every 8-bit trigger carries its key label
-# margin / ftg / natural / random methods (fragile/watermark/methods/; docs/sensitivity.md)
+# controls (random, natural), ftg and margin (fragile/watermark/methods/; docs/sensitivity.md)
 CONTROL_SEED = 0           # which noise / test images the controls, ftg and margin start from
-FTG_STEPS = 1000           # ftg: signed-gradient steps minimising the softmax variance
-FTG_STEP_SIZE = 0.25 / 255 # ftg: per step, in [0, 1] pixel units (straight-through 8-bit rounding)
-MARGIN_START = "natural"   # margin: natural | noise | paper
-MARGIN_SAFETY = 10.0       # margin: delta = this x the largest benign logit jitter measured
-MARGIN_BAND = 4.0          # margin: every other class is driven to within band x delta of the key class
-MARGIN_STEPS = 200         # margin: straight-through 8-bit Adam steps
-MARGIN_LR = 2.0 / 255      # margin: their initial step, in [0, 1] pixel units (cosine decay)
-MARGIN_POOL = 2            # margin: candidates optimised per key entry; the most fragile one is kept
-MARGIN_SELECT_DRAWS = 32   # margin: random weight-noise copies of the model that measure fragility
-MARGIN_NOISE_SIGMA = 1e-4  # margin: their standard deviation; every method: ranks triggers for the query order
-MARGIN_GRID_ROUNDS = 200   # margin: rounds of single-pixel +-1 moves on the 8-bit grid
-MARGIN_CANDIDATES = 32     # margin: moves per trigger evaluated exactly in each round
-MARGIN_SURROGATES = 2      # margin: owner-side fine-tuned copies every trigger must be off its key on (0: none)
-MARGIN_SURROGATE_STEPS = 80        # margin: their SGD steps (one epoch of 20k images at batch 256)
-MARGIN_SURROGATE_SUBSET = 20000    # margin: class-balanced training images they use (0: all), drawn apart from eval's
-MARGIN_SURROGATE_LR = 1e-3         # margin: their recipe, the paper's fine-tuning...
+# ftg
+FTG_STEPS = 1000           # signed-gradient steps minimising the softmax variance
+FTG_STEP_SIZE = 0.25 / 255 # per step, in [0, 1] pixel units (straight-through 8-bit rounding)
+# margin (fragile/watermark/methods/margin.py)
+MARGIN_START = "natural"   # natural | noise | paper
+MARGIN_SAFETY = 10.0       # delta = this x the largest benign logit jitter measured
+MARGIN_BAND = 4.0          # every other class is driven to within band x delta of the key class
+MARGIN_STEPS = 200         # straight-through 8-bit Adam steps
+MARGIN_LR = 2.0 / 255      # their initial step, in [0, 1] pixel units (cosine decay)
+MARGIN_POOL = 2            # candidates optimised per key entry; the most fragile one is kept
+MARGIN_SELECT_DRAWS = 32   # random weight-noise copies of the model that measure fragility
+MARGIN_NOISE_SIGMA = 1e-4  # their standard deviation; every method: ranks triggers for the query order
+MARGIN_GRID_ROUNDS = 200   # rounds of single-pixel +-1 moves on the 8-bit grid
+MARGIN_CANDIDATES = 32     # moves per trigger evaluated exactly in each round
+# margin: surrogates (fragile/watermark/methods/surrogates.py)
+MARGIN_SURROGATES = 2      # owner-side fine-tuned copies every trigger must be off its key on (0: none)
+MARGIN_SURROGATE_STEPS = 80        # their SGD steps (one epoch of 20k images at batch 256)
+MARGIN_SURROGATE_SUBSET = 20000    # class-balanced training images they use (0: all), drawn apart from eval's
+MARGIN_SURROGATE_LR = 1e-3         # their recipe, the paper's fine-tuning...
 MARGIN_SURROGATE_MOMENTUM = 0.9
 MARGIN_SURROGATE_WEIGHT_DECAY = 1e-3
 MARGIN_SURROGATE_BATCH_SIZE = 256
-MARGIN_SURROGATE_MIX_BN = True     # margin: every second surrogate fine-tunes with batch-norm statistics frozen
-MARGIN_SURROGATE_GAP = 0.3         # margin: on each surrogate another class beats the key by this many logits
+MARGIN_SURROGATE_MIX_BN = True     # every second surrogate fine-tunes with batch-norm statistics frozen
+MARGIN_SURROGATE_GAP = 0.3         # on each surrogate another class beats the key by this many logits
 PROGRESS = True
 # -----------------------------------------------------------------------------
 
@@ -63,7 +66,7 @@ import os
 import torch
 
 from fragile.core import distributed as dist
-from fragile.core.cli import UserError, apply_overrides, apply_preset, check_range, from_header, run_main
+from fragile.core.cli import UserError, apply_overrides, apply_preset, check_range, run_main
 from fragile.core.data import DATASETS, get_spec, load_split
 from fragile.core.devices import describe_device, resolve_device, set_fast_math
 from fragile.core.io import check_writable, default_checkpoint_path, load_classifier, model_sha256, refuse_existing
@@ -71,11 +74,15 @@ from fragile.core.training import accuracy
 from fragile.watermark import methods
 from fragile.watermark.jitter import ENVELOPE_ENTRIES, resolve_envelope
 from fragile.watermark.keys import key_payload, key_sha256, make_key
+from fragile.watermark.methods.controls import ControlParams
 from fragile.watermark.methods.fragility import FragilityParams, fragility_order
-from fragile.watermark.methods.paper import RECIPES
+from fragile.watermark.methods.ftg import FTGParams
+from fragile.watermark.methods.margin import MarginParams
+from fragile.watermark.methods.paper import RECIPES, PaperParams
+from fragile.watermark.methods.surrogates import SurrogateParams
 from fragile.watermark.paths import STAGED, default_paths, finish_interrupted_swap, save_watermark
 from fragile.watermark.trigger_io import MAX_TRIGGERS, load_triggers, trigger_meta
-from fragile.watermark.verify import labels_and_margins, margin_summary
+from fragile.watermark.queries import labels_and_margins, margin_summary
 from models import ARCHS
 
 
@@ -102,6 +109,47 @@ def check_settings():
     check_range("--margin-surrogates", MARGIN_SURROGATES, 0)
 
 
+# ----------------------------------------------------------------------------- parameters, from the header
+# Each method's parameter object, built from the constants above by name (the library never reads them).
+
+def paper_params():
+    return PaperParams(latent_dim=LATENT_DIM, latent_seed=LATENT_SEED, gen_channels=GEN_CHANNELS, lam=LAMBDA, lr=LR,
+                       beta1=BETA1, beta2=BETA2, max_steps=MAX_STEPS)
+
+
+def control_params():
+    return ControlParams(control_seed=CONTROL_SEED)
+
+
+def ftg_params():
+    return FTGParams(steps=FTG_STEPS, step_size=FTG_STEP_SIZE, control_seed=CONTROL_SEED, envelope=ENVELOPE)
+
+
+def fragility_params():
+    """The weight noise that ranks every method's triggers for the query order (and margin's candidates)."""
+    return FragilityParams(noise_sigma=MARGIN_NOISE_SIGMA, select_draws=MARGIN_SELECT_DRAWS)
+
+
+def surrogate_params():
+    return SurrogateParams(count=MARGIN_SURROGATES, steps=MARGIN_SURROGATE_STEPS, subset=MARGIN_SURROGATE_SUBSET,
+                           lr=MARGIN_SURROGATE_LR, momentum=MARGIN_SURROGATE_MOMENTUM,
+                           weight_decay=MARGIN_SURROGATE_WEIGHT_DECAY, batch_size=MARGIN_SURROGATE_BATCH_SIZE,
+                           mix_bn=MARGIN_SURROGATE_MIX_BN, gap=MARGIN_SURROGATE_GAP)
+
+
+def margin_params():
+    return MarginParams(start=MARGIN_START, safety=MARGIN_SAFETY, band=MARGIN_BAND, steps=MARGIN_STEPS, lr=MARGIN_LR,
+                        pool=MARGIN_POOL, grid_rounds=MARGIN_GRID_ROUNDS, candidates=MARGIN_CANDIDATES,
+                        control_seed=CONTROL_SEED, envelope=ENVELOPE, surrogates=surrogate_params(),
+                        fragility=fragility_params(), paper=paper_params())
+
+
+def method_params(method):
+    """``method``'s parameters (a ``methods.METHODS[method].params`` object) from the header; natural has none."""
+    return {"paper": paper_params, "random": control_params, "natural": lambda: None, "ftg": ftg_params,
+            "margin": margin_params}[method]()
+
+
 def output_paths(model_path):
     """The trigger folder and key file, checked before any work: a swap an earlier run left unfinished is put
     right, an existing pair is replaced only with --overwrite, and both folders must be writable."""
@@ -122,7 +170,9 @@ def main():
     config = apply_overrides(globals(), __doc__, choices={"DATASET": list(DATASETS), "ARCH": list(ARCHS),
                                                            "METHOD": list(methods.METHODS), "RECIPE": list(RECIPES),
                                                            "ENVELOPE": ENVELOPE_ENTRIES})
-    config = apply_preset(globals(), config, RECIPES[RECIPE])
+    recipe = RECIPES[RECIPE]
+    if recipe is not None:   # the recipe's width and learning rate, except where a flag was typed
+        config = apply_preset(globals(), config, {"GEN_CHANNELS": recipe.gen_channels, "LR": recipe.lr})
     check_settings()
     resolve_envelope(ENVELOPE)  # a bad entry fails now, not after the model and data are loaded
     device = dist.setup("auto", resolve_device(DEVICE))
@@ -136,8 +186,7 @@ def generate(config, device):
     model, model_meta = load_classifier(model_path, device)
     spec = get_spec(model_meta["dataset"])
     out, key_out = output_paths(model_path)
-    params_class = methods.METHODS[METHOD].params
-    params = from_header(params_class, globals()) if params_class else None
+    params = method_params(METHOD)
     test = load_split(spec, DATA_DIR, train=False).to(device)
     train = load_split(spec, DATA_DIR, train=True) if methods.needs_training_data(METHOD, params) else None
 
@@ -149,7 +198,7 @@ def generate(config, device):
     job = methods.TriggerJob(model, spec, key, device, test, train, progress=PROGRESS)
     triggers, info = methods.generate(METHOD, job, params)
 
-    fragility = from_header(FragilityParams, globals())
+    fragility = fragility_params()
     order, flip_rate = fragility_order(model, triggers.to(device), key, fragility)
     meta = trigger_meta(model_meta, key_out, key_sha256(key), METHOD, config, info.pop("meta", {}))
     meta.update(query_order=order, estimated_flip_rate_mean=flip_rate.mean().item(), envelope=list(ENVELOPE))

@@ -30,7 +30,7 @@ import glob
 import os
 
 from fragile.core.cli import UserError, apply_overrides, run_main
-from fragile.core.results import read_results
+from fragile.tamper.records import read_results
 from fragile.report import comparison, figures, sweep_figures, tables
 from fragile.report.style import apply_style, save_figure, supported_formats
 from fragile.report.trajectories import figure_name, trajectory_groups

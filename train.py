@@ -6,8 +6,8 @@
     torchrun --standalone --nproc_per_node 4 train.py  # data parallel: --batch-size is the global batch
 
 Every constant below can be overridden from the command line (--help lists them). The constants marked
-(recipe) are the paper's; `--recipe fast` replaces them (recipe_settings in fragile/core/training.py), except those
-passed explicitly as flags.
+(recipe) are the paper's; `--recipe fast` replaces them (recipe_settings in fragile/core/training.py, applied by
+apply_recipe below), except those passed explicitly as flags.
 """
 # ----------------------------------------------------------------------------- config
 DATASET = "cifar10"          # cifar10 | cifar100 | fashion-mnist | mnist | synthetic
@@ -45,6 +45,7 @@ BACKDOOR_TRIGGERS = 100      # size of that robust trigger set
 PROGRESS = True              # tqdm progress bars
 # -----------------------------------------------------------------------------
 
+import functools
 import glob
 import json
 import math
@@ -55,7 +56,7 @@ import torch
 
 from fragile.core import distributed as dist
 from fragile.core.cli import UserError, apply_overrides, apply_preset, check_range, progress_bar, run_main
-from fragile.core.data import DATASETS, device_generator, load_dataset
+from fragile.core.data import DATASETS, device_generator, load_dataset, train_batches
 from fragile.core.devices import describe_device, resolve_device, seed_everything, set_fast_math, versions
 from fragile.core.io import (atomic_write_text, check_writable, default_checkpoint_path, read_checkpoint,
                              save_classifier)
@@ -71,6 +72,18 @@ def resume_path(out):
 
 def log_path(out):
     return (out[:-3] if out.endswith(".pt") else out) + ".log.jsonl"
+
+
+def apply_recipe(config, device):
+    """--recipe over the header's constants (the paper's recipe, so ``paper`` changes nothing); flags given
+    explicitly win. The recipe names its settings by meaning: here they meet this header's names."""
+    r = recipe_settings(RECIPE, device)
+    if r is None:
+        return config
+    return apply_preset(globals(), config, {
+        "BATCH_SIZE": r.batch_size, "LR": r.lr, "SCHEDULE": r.schedule, "WARMUP_EPOCHS": r.warmup_epochs,
+        "MOMENTUM": r.momentum, "NESTEROV": r.nesterov, "WEIGHT_DECAY": r.weight_decay, "DECAY_ALL": r.decay_all,
+        "LABEL_SMOOTHING": r.label_smoothing})
 
 
 def read_resume(out):
@@ -121,17 +134,75 @@ def check_output(out):
     return resume
 
 
-def restore_log(out, records):
-    """The training log as the resume file recorded it: a run killed between an epoch's log line and its resume
-    file would otherwise log that epoch twice."""
-    atomic_write_text("".join(json.dumps(r) + "\n" for r in records), log_path(out))
+def build_model(spec, device):
+    """(model, the module the steps run through, optimizer, loss scaler). The steps run through the model
+    DDP-wrapped under torchrun and compiled when asked; measurements and checkpoints use the plain model."""
+    model = prepare_model(build_classifier(ARCH, spec), device, CHANNELS_LAST and device.type == "cuda")
+    if SYNC_BN and dist.world_size() > 1:   # same parameters and buffers: checkpoints load into the plain model
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    optimizer = make_sgd(model, LR, MOMENTUM, WEIGHT_DECAY, nesterov=NESTEROV, kernels=sgd_kernels(FUSED_OPTIMIZER),
+                         decay_all=DECAY_ALL)
+    scaler = grad_scaler(device, AMP)   # fp16 autocast only: its loss scale carries across epochs (and resumes)
+    train_model = dist.wrap(model, device)
+    train_model = torch.compile(train_model) if COMPILE else train_model
+    return model, train_model, optimizer, scaler
 
 
-def epoch_totals(loss_sum, correct, seen):
-    """An epoch's loss sum, correct count and images seen, summed over the ranks under torchrun."""
-    seen = torch.tensor(seen, device=loss_sum.device)
+def lr_schedule(steps_per_epoch):
+    """The learning rate for each step of the whole run; onecycle's warm-up is capped at 20% of the run, so
+    short runs still decay."""
+    warmup = int(min(WARMUP_EPOCHS, 0.2 * EPOCHS) * steps_per_epoch)
+    return functools.partial(lr_at, total_steps=EPOCHS * steps_per_epoch, peak_lr=LR, warmup_steps=warmup,
+                             schedule=SCHEDULE, steps_per_epoch=steps_per_epoch)
+
+
+def restore_run(payload, model, optimizer, scaler, gen, out):
+    """The interrupted run's state put back: weights, optimizer, loss scale, random state, and its log as the
+    resume file recorded it (a run killed between an epoch's log line and its resume file would otherwise log
+    that epoch twice). Returns (epochs done, seconds spent, last test accuracy, log records)."""
+    state = payload["train_state"]
+    model.load_state_dict(payload["state_dict"])
+    optimizer.load_state_dict(state["optimizer"])
+    restore_rng(state["rng"], gen, reseed=SEED + state["epoch"])
+    if state.get("scaler"):  # empty when saved without fp16 loss scaling
+        scaler.load_state_dict(state["scaler"])
+    log_records = list(state.get("log", []))
+    if dist.is_main() and "log" in state:
+        atomic_write_text("".join(json.dumps(r) + "\n" for r in log_records), log_path(out))
+    print(f"resuming {resume_path(out)} after epoch {state['epoch']}")
+    # a run stopped after its last epoch saves that epoch's test accuracy
+    return state["epoch"], state["elapsed"], payload["meta"].get("test_accuracy"), log_records
+
+
+def epoch_means(bar, steps_per_epoch, device):
+    """Run an epoch's steps (``bar`` over train_steps), showing the running loss and accuracy now and then (the
+    loss stays on the device between); (mean loss, accuracy) over every rank's images."""
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen = 0
+    for step, loss, n_correct, n in bar:
+        loss_sum += loss * n
+        correct += n_correct
+        seen += n
+        if step % 20 == 0 or step % steps_per_epoch == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{correct.item() / seen:.3f}")
+    seen = torch.tensor(seen, device=device)
     dist.sum_across(loss_sum, correct, seen)
-    return loss_sum, correct, int(seen)
+    return (loss_sum / int(seen)).item(), correct.item() / int(seen)
+
+
+def append_log(out, record):
+    """An epoch's line in <out>.log.jsonl (written as each epoch ends, so a long run can be followed), printed too."""
+    with open(log_path(out), "a") as f:
+        f.write(json.dumps(record) + "\n")
+    print(json.dumps(record))
+
+
+def checkpoint_meta(config, spec, device, backdoor, epochs, test_acc):
+    """What a checkpoint (and each resume file) says about the run that made it."""
+    return dict(arch=ARCH, dataset=DATASET, num_classes=spec.num_classes, input_shape=list(spec.shape),
+                test_accuracy=test_acc, epochs=epochs, seed=SEED, train_subset=TRAIN_SUBSET, config=config,
+                world_size=dist.world_size(), **versions(device), backdoor_watermark=robust.describe(backdoor))
 
 
 def main():
@@ -140,7 +211,7 @@ def main():
                                                            "BACKEND": list(dist.BACKENDS)})
     out = OUT or default_checkpoint_path(ARCH, DATASET)
     device = resolve_device(DEVICE)
-    config = apply_preset(globals(), config, recipe_settings(RECIPE, device))
+    config = apply_recipe(config, device)
     check_settings()
     device = dist.setup(BACKEND, device, [("batch-size", BATCH_SIZE)])
     resume = check_output(out) if dist.is_main() else None   # only rank 0 writes (and reads the resume file)
@@ -151,98 +222,59 @@ def main():
     spec, train, test = dist.local_main_first(load_dataset, DATASET, DATA_DIR, device if DATA_ON_DEVICE else "cpu",
                                               TRAIN_SUBSET, SEED)
     print(f"{DATASET}: {len(train)} train / {len(test)} test images {spec.shape}, {ARCH} on {describe_device(device)}")
-
-    model = build_classifier(ARCH, spec)
+    model, train_model, optimizer, scaler = build_model(spec, device)
     backdoor = robust.make_trigger_set(spec, BACKDOOR_TRIGGERS, SEED) if BACKDOOR_WATERMARK else None
-    model = prepare_model(model, device, CHANNELS_LAST and device.type == "cuda")
-    if SYNC_BN and dist.world_size() > 1:   # same parameters and buffers: checkpoints load into the plain model
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    optimizer = make_sgd(model, LR, MOMENTUM, WEIGHT_DECAY, nesterov=NESTEROV, kernels=sgd_kernels(FUSED_OPTIMIZER),
-                         decay_all=DECAY_ALL)
-    scaler = grad_scaler(device, AMP)
-    train_model = dist.wrap(model, device)  # DDP under torchrun; measurements use the plain module
-    train_model = torch.compile(train_model) if COMPILE else train_model
-    gen = device_generator(train.images.device, SEED)
+    gen = device_generator(train.images.device, SEED)   # the data order and augmentation draws
     steps_per_epoch = -(-len(train) // BATCH_SIZE)
-    total_steps = EPOCHS * steps_per_epoch
-    warmup = int(min(WARMUP_EPOCHS, 0.2 * EPOCHS) * steps_per_epoch)  # short runs still decay
-    start_epoch, elapsed, test_acc, log_records = 0, 0.0, None, []
-
-    if RESUME:
-        payload = dist.broadcast_from_main(resume)  # rank 0's file, read by check_output
-        model.load_state_dict(payload["state_dict"])
-        optimizer.load_state_dict(payload["train_state"]["optimizer"])
-        start_epoch, elapsed = payload["train_state"]["epoch"], payload["train_state"]["elapsed"]
-        restore_rng(payload["train_state"]["rng"], gen, reseed=SEED + start_epoch)
-        if payload["train_state"].get("scaler"):  # empty when saved without fp16 loss scaling
-            scaler.load_state_dict(payload["train_state"]["scaler"])
-        test_acc = payload["meta"].get("test_accuracy")  # a run stopped after its last epoch saves this one
-        log_records = list(payload["train_state"].get("log", []))
-        if dist.is_main() and "log" in payload["train_state"]:
-            restore_log(out, log_records)
-        print(f"resuming {resume_path(out)} after epoch {start_epoch}")
-    elif os.path.exists(log_path(out)) and dist.is_main():
-        os.remove(log_path(out))  # a fresh run starts a fresh log
-
-    def meta(epoch, test_acc):
-        return dict(arch=ARCH, dataset=DATASET, num_classes=spec.num_classes, input_shape=list(spec.shape),
-                    test_accuracy=test_acc, epochs=epoch, seed=SEED, train_subset=TRAIN_SUBSET,
-                    config=config, world_size=dist.world_size(), **versions(device),
-                    backdoor_watermark=robust.describe(backdoor))
-
+    lr_for_step = lr_schedule(steps_per_epoch)
+    if RESUME:   # rank 0's resume file, read by check_output
+        start_epoch, elapsed, test_acc, log_records = restore_run(dist.broadcast_from_main(resume), model, optimizer,
+                                                                  scaler, gen, out)
+    else:
+        start_epoch, elapsed, test_acc, log_records = 0, 0.0, None, []
+        if os.path.exists(log_path(out)) and dist.is_main():
+            os.remove(log_path(out))  # a fresh run starts a fresh log
     batch_transform = robust.mixer(backdoor, device) if backdoor else None
+
     for epoch in range(start_epoch, EPOCHS):
         t0 = time.time()
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device, dtype=torch.long)
-        seen = 0
-        steps = train_steps(train_model, optimizer, train, spec, gen, BATCH_SIZE, device, AMP, LABEL_SMOOTHING, AUGMENT,
-                            batch_transform=batch_transform, first_step=epoch * steps_per_epoch, scaler=scaler,
-                            lr_for_step=lambda s: lr_at(s, total_steps, LR, warmup, SCHEDULE, steps_per_epoch),
-                            rank=dist.rank(), world_size=dist.world_size())
+        batches = train_batches(train, BATCH_SIZE, spec, gen, AUGMENT, rank=dist.rank(), world_size=dist.world_size())
+        steps = train_steps(train_model, optimizer, batches, AMP, scaler, lr_for_step=lr_for_step,
+                            first_step=epoch * steps_per_epoch, label_smoothing=LABEL_SMOOTHING,
+                            batch_transform=batch_transform)
         bar = progress_bar(steps, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{EPOCHS}",
                            enabled=PROGRESS and dist.is_main())
-        for step, loss, n_correct, n in bar:
-            loss_sum += loss * n
-            correct += n_correct
-            seen += n
-            if step % 20 == 0 or step % steps_per_epoch == 0:
-                bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{correct.item() / seen:.3f}")
-        loss_sum, correct, seen = epoch_totals(loss_sum, correct, seen)
-        train_loss = (loss_sum / seen).item()
+        train_loss, train_accuracy = epoch_means(bar, steps_per_epoch, device)
         if not math.isfinite(train_loss):
             kept = resume_path(out) if epoch > start_epoch or RESUME else "none (first epoch)"
             raise UserError(f"loss became {train_loss} in epoch {epoch + 1}; stopped. Last good checkpoint: {kept}")
-
-        def end_of_epoch():
-            """Measure, log and save the resume file (rank 0; the others wait)."""
+        if dist.is_main():   # rank 0 measures, logs and saves the resume file; the others wait at the barrier
             test_acc = accuracy(model, test, EVAL_BATCH_SIZE)
-            seconds = elapsed + time.time() - t0
-            record = dict(epoch=epoch + 1, train_loss=train_loss, train_accuracy=correct.item() / seen,
-                          test_accuracy=test_acc, seconds=round(seconds, 2), lr=optimizer.param_groups[0]["lr"])
+            elapsed = elapsed + time.time() - t0
+            record = dict(epoch=epoch + 1, train_loss=train_loss, train_accuracy=train_accuracy,
+                          test_accuracy=test_acc, seconds=round(elapsed, 2), lr=optimizer.param_groups[0]["lr"])
             if backdoor:
                 record["backdoor_accuracy"] = robust.trigger_accuracy(model, backdoor)
             log_records.append(record)
-            with open(log_path(out), "a") as f:
-                f.write(json.dumps(record) + "\n")
-            print(json.dumps(record))
-            save_classifier(resume_path(out), model, meta(epoch + 1, test_acc),
+            append_log(out, record)
+            meta = checkpoint_meta(config, spec, device, backdoor, epoch + 1, test_acc)
+            save_classifier(resume_path(out), model, meta,
                             train_state={"optimizer": optimizer.state_dict(), "rng": capture_rng(gen),
-                                         "scaler": scaler.state_dict(),
-                                         "epoch": epoch + 1, "elapsed": seconds, "log": log_records},
+                                         "scaler": scaler.state_dict(), "epoch": epoch + 1, "elapsed": elapsed,
+                                         "log": log_records},
                             backdoor=robust.to_payload(backdoor))
-            return test_acc, seconds
-        test_acc, elapsed = dist.on_main(end_of_epoch) or (None, elapsed + time.time() - t0)
+        dist.barrier()
 
-    def finish(test_acc):
+    if dist.is_main():   # the checkpoint replaces the resume file
         if test_acc is None:  # nothing trained and nothing recorded (an old resume file): measure it
             test_acc = accuracy(model, test, EVAL_BATCH_SIZE)
-        final = save_classifier(out, model, meta(EPOCHS, test_acc), backdoor=robust.to_payload(backdoor))
+        final = save_classifier(out, model, checkpoint_meta(config, spec, device, backdoor, EPOCHS, test_acc),
+                                backdoor=robust.to_payload(backdoor))
         if os.path.exists(resume_path(out)):
             os.remove(resume_path(out))
         print(f"test accuracy {test_acc:.4f}  wall time {elapsed:.1f}s  weights sha256 "
               f"{final['weights_sha256'][:16]}…  -> {out}")
-    dist.on_main(finish, test_acc)
+    dist.barrier()
     dist.cleanup()
 
 

@@ -38,7 +38,7 @@ from fragile.core.io import load_classifier
 from fragile.core.training import predict_logits
 from fragile.watermark.paths import load_watermark, triggers_path
 from fragile.watermark.remote import MAX_RETRIES, MAX_TIMEOUT_S, query_remote_labels
-from fragile.watermark.verify import check_compatible, check_tolerance, compare
+from fragile.watermark.queries import check_compatible, check_tolerance, compare
 
 
 def check_settings():

@@ -8,7 +8,7 @@
 #      triggers, recorded at every step of the first epoch;
 #   5. the benign matrix's CUDA rows (fp32 on CPU vs GPU, TF32, fp16, bf16, batch sizes, cuDNN benchmark on and off)
 #      on both trigger sets, with the logit jitter of each row;
-#   6. the figures (plot.py --table) and the reproduction table (fragile.report.reproduction) from the results folder.
+#   6. the figures (plot.py --table) and the reproduction table (scripts/reproduction_tables.py) from the results folder.
 # Every step prints its wall time (and appends it to OUT/timings.jsonl); a step whose output exists is skipped, so
 # a rerun resumes; the first step that fails stops the script, names itself, and keeps what the others wrote.
 #
@@ -128,7 +128,7 @@ done
 # the figures and the table are redrawn every time: a rerun step may have changed what they show
 step "6a figures" - "$PYTHON" plot.py --results "$RESULTS"/*_finetune.json "$RESULTS"/*_poison.json \
     "$RESULTS"/*_benign.json --figures-dir "$OUT/figures" --formats png --table
-step "6b reproduction table" - "$PYTHON" -m fragile.report.reproduction summary "$RESULTS"
+step "6b reproduction table" - "$PYTHON" scripts/reproduction_tables.py summary "$RESULTS"
 "$PYTHON" - "$OUT" <<'EOF'
 import json, sys
 out = sys.argv[1]

@@ -42,4 +42,4 @@ for train_recipe in fast paper; do
         fi
     done
 done
-"$PYTHON" -m fragile.report.reproduction recipe-table "$OUT"
+"$PYTHON" scripts/reproduction_tables.py recipe-table "$OUT"

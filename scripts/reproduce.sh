@@ -80,7 +80,7 @@ for attack in finetune poison; do
         fi
         parts+=("$part")
     done
-    "$PYTHON" -m fragile.core.results merge "$OUT/${ARCH}_${DATASET}_paper_$attack.json" "${parts[@]}"
+    "$PYTHON" scripts/merge_results.py "$OUT/${ARCH}_${DATASET}_paper_$attack.json" "${parts[@]}"
 done
 "$PYTHON" plot.py --results "$OUT/${ARCH}_${DATASET}_paper_finetune.json" "$OUT/${ARCH}_${DATASET}_paper_poison.json" \
     --figures-dir "$OUT/figures" --formats png

@@ -59,7 +59,7 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from fragile.core.cli import UserError, apply_overrides, run_main  # noqa: E402
+from fragile.core.cli import UserError, apply_overrides, check_positive_int, run_main  # noqa: E402
 from fragile.core.data import DATASETS  # noqa: E402
 from fragile.core.io import atomic_write_json  # noqa: E402
 from fragile.report import spread  # noqa: E402
@@ -158,10 +158,10 @@ def main():
     chosen = groups()
     for group in chosen:
         group.check()
-    spread.check_positive("--threads", THREADS)
-    spread.check_positive("--workers", WORKERS)
-    spread.check_positive("--finetune-epochs", FINETUNE_EPOCHS)
-    spread.check_positive("--num-triggers", NUM_TRIGGERS)
+    check_positive_int("--threads", THREADS)
+    check_positive_int("--workers", WORKERS)
+    check_positive_int("--finetune-epochs", FINETUNE_EPOCHS)
+    check_positive_int("--num-triggers", NUM_TRIGGERS)
     if not REPORT_ONLY:
         Runner(OUT).run(chosen, WORKERS)
     report = spread.write_report(OUT, chosen, THREADS, FINETUNE_EPOCHS)

@@ -133,51 +133,56 @@ def margin_set(watermarked):
 
 def finetune_params(**changes):
     """The paper's fine-tuning at test size: one epoch, batch 64, no early steps, fp32."""
-    from fragile.attacks.context import FinetuneParams
-    values = dict(epochs=1, batch_size=64, lr=1e-3, momentum=0.9, weight_decay=1e-3, decay_all=True, augment=True,
-                  freeze_bn=False, amp=False, fused_optimizer=True, channels_last=True, compile=False, early_steps=[])
-    return FinetuneParams(**{**values, **changes})
+    from fragile.tamper.context import FinetuneParams
+    return FinetuneParams(**{**dict(epochs=1, batch_size=64, amp=False, early_steps=[]), **changes})
 
 
 def poison_params(**changes):
-    from fragile.attacks.context import PoisonParams
-    values = dict(fraction=0.1, target=0, patch_size=3, patch_position="bottom-right", patch_value=255)
-    return PoisonParams(**{**values, **changes})
+    from fragile.tamper.context import PoisonParams
+    return PoisonParams(**changes)
 
 
-def eval_context(model, triggers, key, train_size=256, test_size=300, **changes):
-    """What eval.py hands an attack, on class-balanced synthetic splits of the given sizes; ``changes`` replace
-    any field (``backdoor=...``, ``trigger_meta=...``)."""
-    from fragile.attacks.context import EvalContext
+def eval_context(model, triggers, key, train_size=256, test_size=300, probe=None, deployment=None, **changes):
+    """What eval.py hands an attack, on class-balanced synthetic splits of the given sizes; ``probe`` and
+    ``deployment`` (dicts) replace fields of those parts (``probe={"backdoor": ...}``), ``changes`` fields of the
+    context itself."""
     from fragile.core.data import balanced_subset, get_spec, load_split
+    from fragile.tamper.context import Deployment, EvalContext, Probe
     spec = get_spec("synthetic")
     train = balanced_subset(load_split(spec, "data", True), train_size, spec.num_classes)
     test = balanced_subset(load_split(spec, "data", False), test_size, spec.num_classes)
-    ctx = EvalContext(model, spec, train, test, triggers, torch.as_tensor(key), torch.device("cpu"),
-                      finetune_params(), poison_params(), log=lambda *args: None)
+    the_probe = Probe(triggers, torch.as_tensor(key), test, **(probe or {}))
+    ctx = EvalContext(model, spec, train, torch.device("cpu"), the_probe, finetune_params(), poison_params(),
+                      Deployment(**(deployment or {})), log=lambda *args: None)
     return dataclasses.replace(ctx, **changes)
+
+
+def results_file(run, attack, model_path, num_triggers, method="paper", params=None):
+    """A results record as eval.py builds it, around one run made in process."""
+    from fragile.core.io import read_checkpoint
+    from fragile.tamper import records
+    meta = read_checkpoint(model_path)["meta"]
+    settings = records.settings_record({"seeds": [run["seed"]], "max_mismatches": 0}, attack=params)
+    return records.results_record(attack, method, model_path, meta, {}, num_triggers, settings, {}, {}, "cpu", 1,
+                                  0.0, [run])
 
 
 @pytest.fixture(scope="session")
 def compare_results(watermarked, tmp_path_factory):
     """The comparison on the session's paper triggers, run in process with few trials and a small fine-tuning
     set, written as eval.py writes it. (path, results)."""
-    from fragile.core.io import load_classifier, read_checkpoint
-    from fragile.core.results import read_results, write_results
-    from fragile.experiments.benign import BenignParams
-    from fragile.experiments.compare import CompareParams, run_comparison
+    from fragile.core.io import load_classifier
+    from fragile.tamper.compare import CompareParams, run_comparison
+    from fragile.tamper.records import read_results, write_results
     from fragile.watermark.paths import load_watermark, tensor_file
     model, meta = load_classifier(watermarked["model"])
     watermark = load_watermark(watermarked["triggers"])
     ctx = eval_context(model, watermark.triggers, watermark.key, train_size=512, test_size=200,
-                       query_order=watermark.meta["query_order"], trigger_meta=watermark.meta,
-                       tensor_file=tensor_file(watermark.triggers_path), model_meta=meta)
-    params = CompareParams(finetune_epochs=1, noise_sigmas=[1e-5, 1e-4, 1e-3], trials=3, single_weight_eps=1e-3,
-                           obfuscate_k=1, obfuscate_scale=10.0, benign=BenignParams(batch_sizes=[1, 16], envelope=[]))
+                       probe={"query_order": watermark.meta["query_order"]},
+                       deployment={"trigger_meta": watermark.meta, "tensor_file": tensor_file(watermark.triggers_path),
+                                   "model_meta": meta})
+    params = CompareParams(trials=3)
     run, _ = run_comparison(ctx, params, seed=0)
     path = str(tmp_path_factory.mktemp("compare") / "resnet8_synthetic_paper_compare.json")
-    write_results({"attack": "compare", "model": watermarked["model"], "arch": "resnet8", "dataset": "synthetic",
-                   "method": "paper", "envelope": ["exact"], "weights_sha256": read_checkpoint(watermarked["model"])
-                   ["meta"]["weights_sha256"], "num_triggers": len(watermark.key), "config": {}, "versions": {},
-                   "device": "cpu", "wall_time_s": 0.0, "runs": [run]}, path)
+    write_results(results_file(run, "compare", watermarked["model"], len(watermark.key), params=params), path)
     return path, read_results(path)

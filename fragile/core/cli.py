@@ -2,19 +2,24 @@
 
 A script declares its hyperparameters as plain constants, then calls
 ``apply_overrides(globals(), __doc__)``; every constant becomes a ``--lower-dashed`` flag
-whose default is the header's value. Editing the header and passing flags are equivalent.
+whose default is the header's value. Editing the header and passing flags are equivalent. A comment
+line of its own in the header starts a group of ``--help`` (``# poison: BadNets``); a constant's
+trailing comment is its help text.
 
 Library code never reads a script's constants by name: each attack and trigger method declares its
-parameters once, as a dataclass, and ``from_header`` fills one from the header (``MARGIN_STEPS`` ->
-``MarginParams.steps``). Also here: the one-line error contract (``UserError``, ``run_main``) and progress bars.
+parameters once, as a dataclass, and the script builds it from its constants by name
+(``NoiseParams(sigmas=NOISE_SIGMAS, ...)``), so grep finds a setting's definition and its use in one hop.
+Also here: the checks scripts run on their numbers before any work, the one-line error contract
+(``UserError``, ``run_main``) and progress bars.
 """
 import argparse
 import ast
-import dataclasses
+import io
 import math
 import os
 import sys
 import time
+import tokenize
 import traceback
 
 
@@ -53,6 +58,30 @@ def check_nonempty(flag, values):
     return values
 
 
+def check_positive_int(flag, value):
+    """A count that must be a positive integer (trials, steps, images)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UserError(f"{flag} must be a positive integer, got {value!r}")
+    return value
+
+
+def check_sweep(flag, values, low=0.0, high=math.inf):
+    """A sweep: a non-empty list of numbers in [low, high]."""
+    check_nonempty(flag, values)
+    bad = [v for v in values if not low <= v <= high]
+    if bad:
+        raise UserError(f"{flag} values must lie in [{low:g}, {high:g}], got {bad[0]!r}")
+    return values
+
+
+def check_choices(flag, values, allowed):
+    """A non-empty list whose every entry is one of ``allowed``."""
+    unknown = [v for v in values if v not in allowed]
+    if unknown or not values:
+        raise UserError(f"{flag}: choose from {', '.join(allowed)} (got {unknown or 'none'})")
+    return values
+
+
 def _is_config_name(name, value):
     return name.isupper() and not name.startswith("_") and isinstance(value, (bool, int, float, str, list, tuple))
 
@@ -61,20 +90,39 @@ def header_constants(namespace):
     """The names of a script's header constants: the UPPER_CASE assignments above its first import (so that a
     constant the script imports, or defines further down, is never mistaken for a setting). A namespace that is
     not a script's (no ``__file__``: a test's dict) counts every UPPER_CASE name holding a plain value."""
+    return [name for name, _, _ in header_layout(namespace)]
+
+
+def header_layout(namespace):
+    """(name, --help group, help text) of every header constant, in order: the group is the last comment line
+    of its own above it, the help text its trailing comment (and the comment lines that continue it)."""
     path = namespace.get("__file__")
     if not path or not os.path.exists(path):
-        return [name for name, value in namespace.items() if _is_config_name(name, value)]
+        return [(name, None, "") for name, value in namespace.items() if _is_config_name(name, value)]
     with open(path) as f:
-        tree = ast.parse(f.read(), path)
-    names = []
-    for node in tree.body:
-        if isinstance(node, (ast.Import, ast.ImportFrom)):
-            break
-        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
-            name = node.targets[0].id
-            if _is_config_name(name, namespace.get(name)):
-                names.append(name)
-    return names
+        source = f.read()
+    tree = ast.parse(source, path)
+    end = next((node.lineno for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))), math.inf)
+    comments = {token.start[0]: (token.start[1], token.string.lstrip("#").strip())
+                for token in tokenize.generate_tokens(io.StringIO(source).readline)
+                if token.type == tokenize.COMMENT and token.start[0] < end}
+    assignments = {node.lineno: node.targets[0].id for node in tree.body
+                   if node.lineno < end and isinstance(node, ast.Assign) and len(node.targets) == 1
+                   and isinstance(node.targets[0], ast.Name) and _is_config_name(node.targets[0].id,
+                                                                                   namespace.get(node.targets[0].id))}
+    layout, group, last = [], None, None
+    for line in sorted(set(comments) | set(assignments)):
+        if line in assignments:
+            text = comments.get(line, (0, ""))[1] if line in comments and comments[line][0] > 0 else ""
+            last = [assignments[line], group, text]
+            layout.append(last)
+        elif comments[line][0] == 0:   # a comment line of its own: a section (the config rulers are not)
+            text = comments[line][1]
+            group = None if set(text) <= set("- ") or text.startswith("-") else text
+            last = None
+        elif last is not None:   # an indented comment line continues the help text above it
+            last[2] = f"{last[2]} {comments[line][1]}".strip()
+    return [tuple(entry) for entry in layout]
 
 
 def _flag(name):
@@ -82,13 +130,16 @@ def _flag(name):
 
 
 def build_parser(namespace, description=None, choices=None):
-    """An argparse parser with one flag per UPPER_CASE constant in ``namespace``."""
+    """An argparse parser with one flag per header constant in ``namespace``, in the header's groups."""
     choices = choices or {}
     parser = OneLineErrorParser(description=(description or "").strip().splitlines()[0] if description else None,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for name in header_constants(namespace):
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    groups = {}
+    for name, group, text in header_layout(namespace):
         value = namespace[name]
-        kwargs = dict(dest=name, default=value, help=" ")
+        if group not in groups:
+            groups[group] = parser if group is None else parser.add_argument_group(group)
+        kwargs = dict(dest=name, default=value, help=text.replace("%", "%%") or "(default: %(default)s)")
         if name in choices:
             kwargs["choices"] = choices[name]
         if isinstance(value, bool):
@@ -98,7 +149,7 @@ def build_parser(namespace, description=None, choices=None):
             kwargs["type"] = type(value[0]) if value else str
         else:
             kwargs["type"] = type(value)
-        parser.add_argument(_flag(name), **kwargs)
+        groups[group].add_argument(_flag(name), **kwargs)
     return parser
 
 
@@ -123,39 +174,6 @@ def apply_preset(namespace, config, values):
         if name not in namespace.get("_FLAGS_GIVEN", ()):
             namespace[name] = config[name] = value
     return config
-
-
-def header_name(cls, field):
-    """The header constant that fills ``field`` of the parameter dataclass ``cls``: ``header`` in the field's
-    metadata when a constant is shared (``CONTROL_SEED``), else the class's ``HEADER_PREFIX`` + the field name."""
-    return field.metadata.get("header", getattr(cls, "HEADER_PREFIX", "") + field.name.upper())
-
-
-def flag_of(cls, name):
-    """The command-line flag that sets field ``name`` of the parameter dataclass ``cls`` (for error lines)."""
-    field = next(f for f in dataclasses.fields(cls) if f.name == name)
-    return _flag(header_name(cls, field))
-
-
-def from_header(cls, namespace):
-    """The parameter dataclass ``cls`` filled from a script's constants (its globals after ``apply_overrides``).
-    A field whose type is itself a parameter dataclass is filled the same way from the same header."""
-    values = {}
-    for field in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(field.type):
-            values[field.name] = from_header(field.type, namespace)
-        else:
-            value = namespace[header_name(cls, field)]
-            values[field.name] = list(value) if isinstance(value, tuple) else value
-    return cls(**values)
-
-
-def header_names(cls):
-    """Every header constant ``from_header(cls, ...)`` reads (nested parameter classes included)."""
-    names = set()
-    for field in dataclasses.fields(cls):
-        names |= header_names(field.type) if dataclasses.is_dataclass(field.type) else {header_name(cls, field)}
-    return names
 
 
 def progress_bar(iterable, total=None, desc=None, enabled=True):

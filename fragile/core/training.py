@@ -2,11 +2,12 @@
 training recipes, and the random state a resumed run restores."""
 import contextlib
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from .data import to_float, train_batches
+from .data import to_float
 from .distributed import fail_if_asked
 
 
@@ -92,20 +93,35 @@ def lr_at(step, total_steps, peak_lr, warmup_steps, schedule, steps_per_epoch=1)
 SCHEDULES = ("cosine", "onecycle", "constant")
 
 
+@dataclass(frozen=True)
+class TrainRecipe:
+    """A training recipe: the settings train.py's header marks (recipe), by what they mean, not by a script's
+    constant names (train.py maps them onto its own constants)."""
+    batch_size: int
+    lr: float                # peak learning rate, SGD
+    schedule: str            # one of SCHEDULES
+    warmup_epochs: float     # onecycle's warm-up
+    momentum: float
+    nesterov: bool
+    weight_decay: float
+    decay_all: bool          # weight decay on batch norm and biases too
+    label_smoothing: float
+
+
 def recipe_settings(recipe, device):
-    """The constants a training recipe sets over train.py's header, which holds the paper's own recipe (the
-    paper's public code trains with it: plain cross-entropy, SGD lr 0.1, momentum 0.9, weight decay 5e-4 on
-    every parameter, batch 128, cosine annealing per epoch), so ``paper`` changes nothing.
+    """The recipe that replaces train.py's header settings, or None for ``paper``: the header holds the paper's own
+    recipe (the paper's public code trains with it: plain cross-entropy, SGD lr 0.1, momentum 0.9, weight decay
+    5e-4 on every parameter, batch 128, cosine annealing per epoch), so it changes nothing.
     fast: ours, a 95%-class CIFAR recipe: nesterov, one-cycle, label smoothing 0.1, no decay on norms and
     biases; batch 512 / lr 0.4 on CUDA (throughput), batch 64 / lr 0.1 on the CPU (enough steps per epoch).
     """
     if recipe == "paper":
-        return {}
+        return None
     if recipe == "fast":
         on_gpu = device.type == "cuda"
-        return dict(BATCH_SIZE=512 if on_gpu else 64, LR=0.4 if on_gpu else 0.1, SCHEDULE="onecycle",
-                    WARMUP_EPOCHS=1.0, MOMENTUM=0.9, NESTEROV=True, WEIGHT_DECAY=5e-4, DECAY_ALL=False,
-                    LABEL_SMOOTHING=0.1)
+        return TrainRecipe(batch_size=512 if on_gpu else 64, lr=0.4 if on_gpu else 0.1, schedule="onecycle",
+                           warmup_epochs=1.0, momentum=0.9, nesterov=True, weight_decay=5e-4, decay_all=False,
+                           label_smoothing=0.1)
     raise ValueError(f"unknown recipe {recipe!r}")
 
 
@@ -128,22 +144,23 @@ def train_mode(model, freeze_bn=False):
     return model
 
 
-def train_steps(model, optimizer, split, spec, gen, batch_size, device, amp=False, label_smoothing=0.0,
-                augmented=True, batch_transform=None, lr_for_step=None, first_step=0, freeze_bn=False, scaler=None,
-                rank=0, world_size=1):
-    """One epoch of training, yielding (step, loss tensor, correct count, batch size) after each step.
+def train_steps(model, optimizer, batches, amp=False, scaler=None, *, lr_for_step=None, first_step=0,
+                label_smoothing=0.0, batch_transform=None, freeze_bn=False):
+    """One epoch of training over ``batches`` (``fragile.core.data.train_batches``, drawn lazily, one batch per
+    step), yielding (step, loss tensor, correct count, batch size) after each step.
 
-    ``batch_transform(images, labels)`` lets attacks (poisoning) rewrite batches on the device;
-    ``lr_for_step(step)`` sets the learning rate before each step. Losses stay on the device so the
-    loop never waits for the GPU; callers synchronize only when they print. ``scaler`` (fp16 autocast)
-    persists across epochs when the caller passes one. Under torchrun the model is DDP-wrapped by the
-    caller and ``rank``/``world_size`` pick this process's share of every global batch of ``batch_size``.
+    Batches move to the model's device (a no-op when the data lives there). ``amp`` as ``autocast`` reads it;
+    ``scaler`` (fp16 autocast) persists across epochs when the caller passes one, else each call makes its own.
+    ``lr_for_step(step)`` sets the learning rate before each step, steps counted from ``first_step``;
+    ``batch_transform(images, labels)`` lets attacks (poisoning) rewrite batches on the device; ``freeze_bn``
+    as ``train_mode``. Losses stay on the device so the loop never waits for the GPU; callers synchronize only
+    when they print. Under torchrun the caller DDP-wraps the model and draws this rank's share of each batch.
     """
-    device = torch.device(device)   # callers may name it ("cpu")
+    device = next(model.parameters()).device
     scaler = scaler or grad_scaler(device, amp)
     train_mode(model, freeze_bn)
     step = first_step
-    for images, labels in train_batches(split, batch_size, spec, gen, augmented, rank=rank, world_size=world_size):
+    for images, labels in batches:
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)  # no-op on device
         if batch_transform is not None:
             images, labels = batch_transform(images, labels)

@@ -1,6 +1,6 @@
 """A model's parameters as one flat vector, and Gaussian noise on them.
 
-The tamper suite (fragile.attacks) changes weights through this view; trigger generation
+The tamper suite (fragile.tamper) changes weights through this view; trigger generation
 (fragile.watermark.methods.fragility) adds the same noise to rank triggers by how easily a random
 tamper exposes them, which is why the noise lives here, below both.
 

@@ -1,17 +1,17 @@
 """The method comparison rendered (``plot.py --compare``, scripts/compare_methods.sh): comparison.md,
 comparison.csv and comparison.png from the ``eval.py --attack compare`` results of several trigger methods
-on one model (fragile.experiments.compare makes them)."""
+on one model (fragile.tamper.compare makes them)."""
 import os
 
 from ..core.cli import UserError
 from ..core.io import atomic_write, atomic_write_text
-from ..core.results import to_csv
-from ..experiments.benign import summarize_benign
+from ..tamper.records import to_csv
+from ..tamper.benign import summarize_benign
 from ..watermark.methods import METHODS
 from .statistics import fmt, mean
 from .style import plt
 
-COMPARED_ATTACKS = ("finetune", "noise", "single_weight", "obfuscate")   # the comparison's records, in table order
+COMPARED_ATTACKS = ("finetune", "noise", "single-weight", "obfuscate")   # the comparison's records, in table order
 METHOD_ORDER = tuple(METHODS)
 
 
@@ -29,7 +29,7 @@ def summarize_method(results):
         rows.append({"method": method_label(results), "attack": attack, "setting": label, "trials": len(recs),
                      "flipped_fraction": sum(r["flipped"] for r in recs) / (len(recs) * n),
                      "detection_probability": sum(bool(r["detected"]) for r in recs) / len(recs),
-                     "mean_queries_to_detection": _mean_of(recs, "queries_to_detection"),
+                     "mean_queries_to_detection": _mean_of(recs, "mean_queries_to_detection"),
                      "mean_queries_fragility_order": _mean_of(recs, "queries_in_fragility_order"),
                      "rival_correlation": _mean_of(recs, "rival_correlation")})
     return rows

@@ -1,17 +1,13 @@
-"""Tables for REPRODUCTION.md, computed from what scripts/reproduce.sh and scripts/recipe_table.sh wrote.
-
-    python -m fragile.report.reproduction summary results/reproduction-fashion-mnist   # match rate per epoch, seeds
-    python -m fragile.report.reproduction recipe-table results/recipe-table           # recipe x generator table
-
-Each command prints a Markdown table and writes it, with its numbers as JSON, beside the inputs.
+"""Tables for REPRODUCTION.md, computed from what scripts/reproduce.sh and scripts/recipe_table.sh wrote
+(scripts/reproduction_tables.py prints and writes them): the match rate per epoch over seeds (``summary``), and
+the classifier recipe x generator recipe table (``recipe-table``). Each returns (Markdown, its numbers).
 """
 import glob
 import os
-import sys
 
 from ..core.cli import UserError
-from ..core.io import atomic_write_json, atomic_write_text, read_checkpoint, read_json, safe_torch_load
-from ..core.results import read_results
+from ..core.io import read_checkpoint, read_json, safe_torch_load
+from ..tamper.records import read_results
 from .statistics import mean_std
 
 RECIPES = ("fast", "paper")
@@ -68,7 +64,7 @@ def summary(folder):
     lines.append("First detection (fine-tuning step at which a trigger label first differs from the key), per seed: "
                  + "; ".join(f"{attack} {detections[attack]}" for attack in results))
     payload = {"rows": rows, "first_detection_step": detections,
-               "seeds": results["finetune"]["config"]["SEEDS"]}
+               "seeds": results["finetune"]["settings"]["run"]["seeds"]}
     return "\n".join(lines), payload
 
 
@@ -109,21 +105,4 @@ def recipe_table(root):
     return "\n".join(lines), {"rows": rows}
 
 
-COMMANDS = {"summary": summary, "recipe-table": recipe_table}
-
-
-def main(argv):
-    if len(argv) != 2 or argv[0] not in COMMANDS:
-        raise UserError(f"usage: python -m fragile.report.reproduction {{{'|'.join(COMMANDS)}}} FOLDER")
-    command, folder = argv
-    if not os.path.isdir(folder):
-        raise UserError(f"no such folder: {folder}")
-    markdown, payload = COMMANDS[command](folder)
-    atomic_write_text(markdown + "\n", os.path.join(folder, f"{command}.md"))
-    atomic_write_json(payload, os.path.join(folder, f"{command}.json"))
-    print(markdown)
-
-
-if __name__ == "__main__":
-    from ..core.cli import run_main
-    run_main(lambda: main(sys.argv[1:]))
+TABLES = {"summary": summary, "recipe-table": recipe_table}   # scripts/reproduction_tables.py

@@ -12,20 +12,15 @@ import os
 import statistics
 from dataclasses import dataclass
 
-from ..core.cli import UserError
+from ..core.cli import UserError, check_positive_int
 from ..core.io import atomic_write_json, atomic_write_text, read_checkpoint, read_json, safe_torch_load
-from ..core.results import read_results
+from ..tamper.records import read_results
 from .style import apply_style, plt, save_figure
 
 ATTACKS = ("finetune", "poison")
 # Published fraction of ICIP triggers changed after the first round of clean fine-tuning (method.md, field.md):
 # 0.40 MNIST / ResNet-18 and ~0.53 CIFAR-10 / ResNet-50 (the FTG paper's re-run of this method).
 PUBLISHED_RANGE = (0.40, 0.53)
-
-
-def check_positive(flag, value):
-    if not isinstance(value, int) or value < 1:
-        raise UserError(f"{flag} must be a positive integer, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -52,8 +47,8 @@ class Group:
             raise UserError(f"the {self.name} group repeats a seed: every classifier and key seed must be distinct")
         if min(self.seeds) < 0 or min(self.key_seeds) < 0:
             raise UserError(f"the {self.name} group's seeds must be 0 or more")
-        check_positive(f"{flag}-subset (training images)", self.subset)
-        check_positive(f"{flag}-epochs", self.epochs)
+        check_positive_int(f"{flag}-subset (training images)", self.subset)
+        check_positive_int(f"{flag}-epochs", self.epochs)
         if self.paper_pairs < 0 or self.test_subset < 0:
             raise UserError(f"{flag}-paper-pairs and the test subset must be 0 or more")
 

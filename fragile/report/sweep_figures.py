@@ -24,8 +24,7 @@ def sweep_series(results_list, attack, x_key, group_key=None):
                          + f" ({results['arch']}/{results['dataset']}, {results['method']} triggers)")
                 points.setdefault(label, {}).setdefault(float(record[x_key]), []).append(record)
         for label, by_x in points.items():
-            lines[label] = [(x, mean(r.get("detection_probability", float(bool(r["detected"]))) for r in rs),
-                             mean(r.get("mean_flipped", r["flipped"]) for r in rs) / n,
+            lines[label] = [(x, mean(r["detection_probability"] for r in rs), mean(r["mean_flipped"] for r in rs) / n,
                              mean(r.get("clean_accuracy") for r in rs)) for x, rs in sorted(by_x.items())]
     return lines
 

@@ -7,8 +7,7 @@ or, for trajectories without one (``finetune``, ``poison``), the end of each pha
 import os
 
 from ..core.io import atomic_write_text
-from ..core.results import to_csv
-from ..watermark.verify import expected_queries
+from ..tamper.records import to_csv
 from .statistics import fmt, mean, number
 from .style import attack_rank
 
@@ -66,18 +65,15 @@ def notes(records, runs):
 def rows_of(path, results):
     """The summary rows of one results file."""
     n = results["num_triggers"]
-    config = results.get("config") if isinstance(results.get("config"), dict) else {}
-    tolerance = config.get("MAX_MISMATCHES", 0) or 0
     per_setting = {}
     for run in results["runs"]:
         for setting, record in final_records(run).items():
             per_setting.setdefault(setting, []).append(record)
     rows = []
     for setting, records in per_setting.items():
-        flipped = mean(r.get("mean_flipped", r["flipped"]) for r in records)
-        probability = mean(r.get("detection_probability", float(bool(r["detected"]))) for r in records)
-        queries = [r["mean_queries_to_detection"] if "mean_queries_to_detection" in r
-                   else expected_queries(r["flipped"], n, tolerance) for r in records]
+        flipped = mean(r["mean_flipped"] for r in records)
+        probability = mean(r["detection_probability"] for r in records)
+        queries = [r["mean_queries_to_detection"] for r in records]
         rows.append({"model": f"{results['arch']}/{results['dataset']}", "method": results["method"],
                      "attack": results["attack"], "setting": row_label(setting, records[-1]),
                      "triggers_flipped": flipped, "num_triggers": n, "detection_probability": probability,

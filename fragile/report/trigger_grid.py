@@ -24,15 +24,15 @@ def locate_triggers(results, results_file):
     """(trigger path, key path or None), or (None, the path looked for) when the triggers are absent. The
     triggers eval.py tracked (--triggers, else the method's default beside the model); the key it was given,
     else the one the trigger metadata names, else the method's default."""
-    config = results["config"] if isinstance(results.get("config"), dict) else {}
+    run = results["settings"].get("run") if isinstance(results["settings"].get("run"), dict) else {}
     model = results.get("model") or ""
     default_triggers, default_key = default_paths(model, results["method"]) if model else ("", "")
-    wanted = config.get("TRIGGERS") or default_triggers
+    wanted = run.get("triggers") or default_triggers
     if not wanted:
         return None, "(no model path in the results)"
     for candidate in candidate_paths(wanted, results_file):
         if os.path.exists(candidate):
-            key = config.get("KEY") or ""
+            key = run.get("key") or ""
             key_candidates = candidate_paths(key, results_file) if key else []
             meta_path = os.path.join(trigger_folder(candidate), "meta.json")
             meta = read_json(meta_path, "trigger metadata") if os.path.exists(meta_path) else {}

@@ -7,7 +7,7 @@ device, half precision, a checkpoint save/load round trip, PNG instead of tensor
 ``measure_jitter`` reports the largest logit difference from the reference (all at once, fp32, default
 threads). Trigger generation turns that into delta, the smallest margin a trigger may keep:
 ``delta = safety factor x the largest jitter measured`` (``calibrate_delta``). The benign-change matrix
-(fragile.experiments.benign) runs the same settings on a deployed trigger set and counts false alarms.
+(fragile.tamper.benign) runs the same settings on a deployed trigger set and counts false alarms.
 
 ``exact`` is the fp32 envelope this suite always ran; fp16 and bf16 are half-precision inference of the
 same weights, whose logits move by orders of magnitude more.

@@ -1,26 +1,10 @@
-"""Script headers as flags, recipes over them, and parameter dataclasses filled from a header."""
-import dataclasses
+"""Script headers as flags (grouped --help with each constant's comment), recipes over them, and the checks
+scripts run on their numbers."""
 import textwrap
-from dataclasses import dataclass, field
 
 import pytest
 
-from fragile.core.cli import (UserError, apply_overrides, apply_preset, flag_of, from_header, header_constants,
-                              header_names, run_main)
-
-
-@dataclass(frozen=True)
-class Inner:
-    HEADER_PREFIX = "INNER_"
-    steps: int
-    seed: int = field(metadata={"header": "SHARED_SEED"})
-
-
-@dataclass(frozen=True)
-class Outer:
-    HEADER_PREFIX = "OUTER_"
-    sigmas: list
-    inner: Inner
+from fragile.core.cli import UserError, apply_overrides, apply_preset, header_constants, run_main
 
 
 def test_a_preset_never_overrides_a_flag_the_user_typed():
@@ -31,16 +15,41 @@ def test_a_preset_never_overrides_a_flag_the_user_typed():
     assert config == {"RECIPE": "fast", "LR": 0.05, "BATCH_SIZE": 512, "SCHEDULE": "onecycle"}
 
 
-def test_from_header_fills_prefixed_shared_and_nested_fields():
-    header = {"OUTER_SIGMAS": (1e-3, 1e-2), "INNER_STEPS": 7, "SHARED_SEED": 3, "OTHER": 1}
-    params = from_header(Outer, header)
-    assert params == Outer(sigmas=[1e-3, 1e-2], inner=Inner(steps=7, seed=3))   # tuples arrive as lists
-    assert header_names(Outer) == {"OUTER_SIGMAS", "INNER_STEPS", "SHARED_SEED"}
-    assert flag_of(Inner, "seed") == "--shared-seed" and flag_of(Outer, "sigmas") == "--outer-sigmas"
-    with pytest.raises(KeyError):
-        from_header(Outer, {"OUTER_SIGMAS": [1.0]})   # a header that lacks a field is a bug, not a default
-    flags = apply_overrides(dict(header), argv=["--inner-steps", "9"])
-    assert from_header(Outer, flags).inner.steps == 9
+def test_help_is_grouped_by_the_headers_sections_with_each_constants_comment(tmp_path, capsys):
+    script = tmp_path / "script.py"
+    script.write_text(textwrap.dedent('''\
+        """A script."""
+        # ----------------------------------------------------------------------------- config
+        SEED = 0                   # which run
+        # noise (the tamper wing)
+        NOISE_SIGMAS = [1e-3]      # std of the Gaussian, absolute:
+                                   # on every weight
+        NOISE_TRIALS = 20
+        # -----------------------------------------------------------------------------
+        import os
+    '''))
+    namespace = {"__file__": str(script), "SEED": 0, "NOISE_SIGMAS": [1e-3], "NOISE_TRIALS": 20}
+    with pytest.raises(SystemExit):
+        apply_overrides(namespace, argv=["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--seed SEED which run (default: 0)" in text
+    group = text.index("noise (the tamper wing):")
+    assert text.rindex("--noise-sigmas") > group > text.rindex("--seed SEED")
+    assert "std of the Gaussian, absolute: on every weight (default: [0.001])" in text
+    assert "--noise-trials NOISE_TRIALS (default: 20)" in text
+
+
+@pytest.mark.parametrize("check, args, message", [
+    ("check_positive_int", ("--trials", 0), "--trials must be a positive integer, got 0"),
+    ("check_positive_int", ("--trials", True), "--trials must be a positive integer"),
+    ("check_sweep", ("--sigmas", []), "--sigmas needs at least one value"),
+    ("check_sweep", ("--ratios", [0.5, 2.0], 0, 1), r"--ratios values must lie in \[0, 1\], got 2.0"),
+    ("check_choices", ("--modes", ["int4"], ["fp16", "int8"]), "--modes: choose from fp16, int8"),
+])
+def test_the_checks_name_the_flag_and_what_it_must_be(check, args, message):
+    import fragile.core.cli as cli
+    with pytest.raises(UserError, match=message):
+        getattr(cli, check)(*args)
 
 
 def test_only_the_constants_above_the_imports_are_settings(tmp_path):
@@ -68,11 +77,6 @@ def test_a_user_error_is_one_line_and_exit_2(capsys):
     with pytest.raises(SystemExit) as exit_:
         run_main(main)
     assert exit_.value.code == 2 and capsys.readouterr().err == "error: bad input\n"
-
-
-def test_parameter_classes_are_frozen():
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        Inner(steps=1, seed=0).steps = 2
 
 
 @pytest.mark.parametrize("value, low, high, kwargs, ok", [

@@ -6,14 +6,15 @@ import os
 import pytest
 import torch
 
-from fragile.core.data import balanced_subset, device_generator, get_spec, load_split, synthetic_split, to_float
+from fragile.core.data import (balanced_subset, device_generator, get_spec, load_split, synthetic_split, to_float,
+                               train_batches)
 from fragile.core.devices import tf32
 from fragile.core.io import load_classifier
 from fragile.core.reference_loop import PILDataset
 from fragile.core.training import (amp_dtype, grad_scaler, lr_at, make_sgd, predict_logits, prepare_model,
                                    recipe_settings, train_steps)
 from fragile.watermark.trigger_io import load_triggers
-from fragile.watermark.verify import query_labels
+from fragile.watermark.queries import query_labels
 from models import build_classifier
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")   # CUDA is only a device *name* here: nothing runs on it
@@ -60,7 +61,7 @@ def fine_tuned(model, spec, train, amp=False, kernels="for-loop", channels_last=
     CPU through the same code the GPU runs: prepare_model's channels_last, the optimizer kernels, autocast."""
     model = prepare_model(copy.deepcopy(model), CPU, channels_last=channels_last)
     optimizer = make_sgd(model, lr, 0.9, 5e-4, kernels=kernels)
-    for step, *_ in train_steps(model, optimizer, train, spec, device_generator(CPU, 0), 32, CPU, amp=amp):
+    for step, *_ in train_steps(model, optimizer, train_batches(train, 32, spec, device_generator(CPU, 0)), amp):
         if step == steps:
             break
     return model.eval()
@@ -154,9 +155,9 @@ def test_reference_dataset_yields_the_same_images(channels):
 # ----------------------------------------------------------------------------- recipes
 
 def test_fast_recipe_batch_and_lr_follow_the_device():
-    assert (recipe_settings("fast", CUDA)["BATCH_SIZE"], recipe_settings("fast", CUDA)["LR"]) == (512, 0.4)
-    assert (recipe_settings("fast", CPU)["BATCH_SIZE"], recipe_settings("fast", CPU)["LR"]) == (64, 0.1)
-    assert recipe_settings("paper", CUDA) == recipe_settings("paper", CPU) == {}   # the header is the paper's recipe
+    assert (recipe_settings("fast", CUDA).batch_size, recipe_settings("fast", CUDA).lr) == (512, 0.4)
+    assert (recipe_settings("fast", CPU).batch_size, recipe_settings("fast", CPU).lr) == (64, 0.1)
+    assert recipe_settings("paper", CUDA) is recipe_settings("paper", CPU) is None   # the header is the paper's recipe
 
 
 def test_cosine_schedule_anneals_once_per_epoch_without_warm_up():
@@ -199,7 +200,7 @@ def test_freeze_bn_keeps_the_running_statistics_and_still_moves_the_weights():
         model = build_classifier("resnet8", spec)
         before = {k: v.clone() for k, v in model.state_dict().items()}
         optimizer = make_sgd(model, 1e-2, 0.9, 0.0, kernels="for-loop")
-        for _ in train_steps(model, optimizer, data, spec, torch.Generator().manual_seed(0), 32, "cpu",
+        for _ in train_steps(model, optimizer, train_batches(data, 32, spec, torch.Generator().manual_seed(0)),
                              freeze_bn=freeze_bn):
             pass
         after = model.state_dict()

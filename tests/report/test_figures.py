@@ -113,6 +113,7 @@ def test_trigger_grid_labels_and_missing_triggers(trajectories, watermarked, cap
     assert len(titles) == len(watermarked["key_labels"]) == 30
     assert titles[:3] == [f"{i}: proto{label}" for i, label in enumerate(watermarked["key_labels"][:3])]
 
-    gone = dict(results, model="/nonexistent/resnet8_synthetic.pt", config=dict(results["config"], TRIGGERS=""))
+    gone = dict(results, model="/nonexistent/resnet8_synthetic.pt",
+                settings=dict(results["settings"], run=dict(results["settings"]["run"], triggers="")))
     assert trigger_figure(gone, "gone.json", 50, 10) is None
     assert "note: no trigger grid for gone.json: triggers not found" in capsys.readouterr().out

@@ -2,11 +2,12 @@
 import csv
 
 from fragile.report.tables import markdown_table, rows_of, summary_rows, write_table
+from fragile.tamper import records
 
 
 def results(attack, runs, num_triggers=10):
     return {"attack": attack, "arch": "resnet8", "dataset": "synthetic", "method": "paper", "num_triggers": num_triggers,
-            "config": {"MAX_MISMATCHES": 0}, "runs": runs}
+            "settings": {"run": {"max_mismatches": 0}}, "runs": runs}
 
 
 def sweep_run(seed, flipped):
@@ -19,9 +20,9 @@ def sweep_run(seed, flipped):
 
 
 def trajectory_run(seed, first_detection):
-    records = [{"step": s, "epoch": e, "flipped": f, "match_rate": 1 - f / 10, "detected": f > 0,
-                "clean_accuracy": 0.8} for s, e, f in ((0, 0.0, 0), (4, 1.0, 3), (8, 2.0, 5))]
-    return {"seed": seed, "records": records, "first_detection_step": first_detection}
+    trajectory = [records.step_record(s, e, "finetune", records.verdict(f, 10, 0), 0.8)
+                  for s, e, f in ((0, 0.0, 0), (4, 1.0, 3), (8, 2.0, 5))]
+    return records.run_record(seed, trajectory, first_detection_step=first_detection)
 
 
 def test_sweep_rows_average_the_seeds_per_setting():
@@ -35,7 +36,7 @@ def test_sweep_rows_average_the_seeds_per_setting():
 
 def test_trajectory_rows_end_at_the_last_epoch_and_note_the_first_detection():
     row, = rows_of("f.json", results("finetune", [trajectory_run(0, 3), trajectory_run(1, None)]))
-    assert row["setting"] == "end, epoch 2" and row["triggers_flipped"] == 5
+    assert row["setting"] == "finetune, epoch 2" and row["triggers_flipped"] == 5
     assert row["queries_to_detection"] == 11 / 6   # expected over random orders, from the flipped count
     assert "first detected at step 3 (1/2 seeds)" in row["notes"]
 
@@ -44,6 +45,6 @@ def test_the_table_lists_attacks_in_the_suites_order(tmp_path):
     listed = [("q.json", results("quantize", [sweep_run(0, 1)])), ("f.json", results("finetune", [trajectory_run(0, 1)]))]
     assert [r["attack"] for r in summary_rows(listed)] == ["finetune", "quantize", "quantize"]
     md, csv_path = write_table(listed, str(tmp_path))
-    assert "| resnet8/synthetic | paper | finetune | end, epoch 2 | 5/10 | yes |" in open(md).read()
+    assert "| resnet8/synthetic | paper | finetune | finetune, epoch 2 | 5/10 | yes |" in open(md).read()
     assert [row["attack"] for row in csv.DictReader(open(csv_path))] == ["finetune", "quantize", "quantize"]
     assert markdown_table([]).count("\n") == 6   # an empty table is still a table

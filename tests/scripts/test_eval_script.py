@@ -6,7 +6,8 @@ import json
 import pytest
 
 from conftest import run_script
-from fragile.core.results import read_results
+from fragile.tamper import records
+from fragile.tamper.records import read_results
 
 pytestmark = pytest.mark.integration
 
@@ -41,13 +42,16 @@ def test_poisoning_raises_the_attack_success_rate(finetune_and_poison):
 def test_results_schema(finetune_and_poison):
     results, out = finetune_and_poison
     r = results["finetune"]
-    for key in ("schema", "attack", "model", "arch", "dataset", "method", "weights_sha256", "num_triggers", "config",
-                "versions", "device", "wall_time_s", "runs"):
+    for key in ("schema", "attack", "model", "arch", "dataset", "method", "weights_sha256", "num_triggers", "settings",
+                "config", "versions", "device", "wall_time_s", "runs"):
         assert key in r
-    assert r["config"]["LR"] == 1e-3 and r["config"]["MOMENTUM"] == 0.9 and r["config"]["WEIGHT_DECAY"] == 1e-3
+    finetune = r["settings"]["finetune"]   # the settings under the parameter object's own field names
+    assert finetune["lr"] == 1e-3 and finetune["momentum"] == 0.9 and finetune["weight_decay"] == 1e-3
+    assert r["settings"]["run"]["seeds"] == [0] and r["settings"]["attack"] is None
+    assert r["config"]["LR"] == 1e-3   # the command's flags, kept for provenance
     assert r["versions"]["torch_version"] and r["wall_time_s"] > 0
     for record in r["runs"][0]["records"]:
-        assert {"step", "epoch", "match_rate", "flipped", "detected", "clean_accuracy"} <= set(record)
+        assert {"step", "epoch", "phase", "clean_accuracy", *records.VERDICT_KEYS} <= set(record)
         assert record["flipped"] == round((1 - record["match_rate"]) * r["num_triggers"])
     rows = list(csv.DictReader(open(out / "resnet8_synthetic_paper_finetune.csv")))
     assert len(rows) == len(r["runs"][0]["records"]) and rows[0]["seed"] == "0"
@@ -73,7 +77,7 @@ def test_seeds_are_all_kept_and_a_rerun_replaces_the_file_only_with_overwrite(wa
 def test_a_second_writer_of_one_results_file_is_refused_before_it_works(watermarked, tmp_path):
     """Two eval.py runs on one results file: the second is refused at once (the first holds its lock), so
     neither run is lost to the other's rename."""
-    from fragile.core.results import claim_results
+    from fragile.tamper.records import claim_results
     claim_results(str(tmp_path / "resnet8_synthetic_paper_finetune.json"), overwrite=False)   # this process: the first
     proc = run_script("eval.py", "--model", watermarked["model"], *FINETUNE_TINY, "--results-dir", tmp_path,
                       check=False)

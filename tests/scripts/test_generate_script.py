@@ -1,6 +1,8 @@
 """generate_samples.py as a user runs it: every method's triggers carry the key after 8-bit export, the model
 is unchanged, margin triggers flip under fine-tuning they never saw, bad input is one line."""
+import ast
 import copy
+import dataclasses
 import json
 import os
 
@@ -8,15 +10,15 @@ import pytest
 import torch
 
 from conftest import run_script
-from fragile.core.data import balanced_subset, get_spec, load_split
+from fragile.core.data import balanced_subset, get_spec, load_split, train_batches
 from fragile.core.devices import seed_everything
 from fragile.core.io import load_classifier
 from fragile.core.training import make_sgd, train_steps
 from fragile.core.weights import add_gaussian_noise
-from fragile.experiments.compare import perturbation_generator
+from fragile.tamper.compare import perturbation_generator
 from fragile.watermark.keys import load_key, make_key
 from fragile.watermark.trigger_io import load_triggers
-from fragile.watermark.verify import query_labels
+from fragile.watermark.queries import query_labels
 
 pytestmark = pytest.mark.integration
 NUM_TRIGGERS = 20
@@ -102,7 +104,8 @@ def fine_tuned_flip_fraction(model, watermarked, triggers, key, steps=16):
     tampered = copy.deepcopy(model).requires_grad_(True)
     seed_everything(0)
     optimizer = make_sgd(tampered, 1e-3, 0.9, 1e-3, kernels="for-loop", decay_all=False)
-    for step, _, _, _ in train_steps(tampered, optimizer, data, spec, torch.Generator().manual_seed(0), 64, "cpu"):
+    batches = train_batches(data, 64, spec, torch.Generator().manual_seed(0))
+    for step, _, _, _ in train_steps(tampered, optimizer, batches):
         if step >= steps:
             break
     return (query_labels(tampered.eval(), triggers) != torch.tensor(key)).float().mean().item()
@@ -149,9 +152,50 @@ def test_generate_refuses_a_bad_envelope_in_one_line(watermarked, tmp_path, enve
 
 def test_generator_header_is_the_paper_generator():
     import generate_samples
-    assert generate_samples.RECIPE == "paper"
+    from fragile.watermark.methods.paper import RECIPES, GeneratorRecipe
+    assert generate_samples.RECIPE == "paper" and RECIPES["paper"] is None   # the header as it is
+    assert RECIPES["fast"] == GeneratorRecipe(gen_channels=64, lr=3e-3)
     paper = {"GEN_CHANNELS": 512, "LR": 1e-4, "LAMBDA": 150.0, "BETA1": 0.5, "BETA2": 0.999, "LATENT_DIM": 512}
     assert {k: getattr(generate_samples, k) for k in paper} == paper   # the paper's code
+
+
+# ----------------------------------------------------------------------------- parameters, from the header by name
+
+def parameter_classes():
+    """Every parameter dataclass generate_samples.py builds: each method's, the fragility ranking's, and the ones
+    nested in them (MarginParams.surrogates, ...)."""
+    from fragile.watermark.methods import METHODS
+    from fragile.watermark.methods.fragility import FragilityParams
+    classes, todo = [], [FragilityParams, *(m.params for m in METHODS.values() if m.params)]
+    while todo:
+        cls = todo.pop()
+        if cls not in classes:
+            classes.append(cls)
+            todo += [f.type for f in dataclasses.fields(cls) if dataclasses.is_dataclass(f.type)]
+    return classes
+
+
+def test_the_header_values_are_the_parameter_defaults():
+    """Library users (and bench.py) get the paper's values from the dataclass defaults: the same as the header's."""
+    import generate_samples
+    from fragile.watermark.methods import METHODS
+    from fragile.watermark.methods.fragility import FragilityParams
+    for method, entry in METHODS.items():
+        params = generate_samples.method_params(method)
+        assert params == (entry.params() if entry.params else None), method
+    assert generate_samples.fragility_params() == FragilityParams()
+
+
+def test_generate_samples_passes_every_parameter_field_by_keyword():
+    """Each parameter object is built in one place, every field named, so that grep finds a constant's consumer."""
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "generate_samples.py")
+    calls = {}
+    for node in ast.walk(ast.parse(open(path).read())):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id.endswith("Params"):
+            assert not node.args, f"{node.func.id}: pass every field by keyword"
+            calls.setdefault(node.func.id, []).append({k.arg for k in node.keywords})
+    for cls in parameter_classes():
+        assert calls.get(cls.__name__) == [{f.name for f in dataclasses.fields(cls)}], cls.__name__
 
 
 # ----------------------------------------------------------------------------- outputs: never lost, never mismatched
@@ -232,6 +276,7 @@ def test_a_failed_generation_leaves_nothing_that_blocks_the_next_run(watermarked
 
 @pytest.mark.parametrize("args, expected", [
     (["--num-triggers", 0], "--num-triggers"), (["--max-steps", 0], "--max-steps"), (["--lr", -1], "--lr"),
+    (["--method", "margin", "--margin-pool", 0], "--margin-pool must be at least 1"),
     (["--out", "FILE/triggers"], "cannot create output folder"),
 ])
 def test_bad_numbers_and_unwritable_outputs_fail_before_any_work(watermarked, tmp_path, args, expected):

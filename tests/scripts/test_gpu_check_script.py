@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from conftest import ROOT, requires_fashion_mnist
-from fragile.core.results import read_results
+from fragile.tamper.records import read_results
 
 pytestmark = pytest.mark.integration
 SCRIPT = os.path.join(ROOT, "scripts", "gpu_check.sh")

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from conftest import ROOT
-from fragile.core.results import read_results
+from fragile.tamper.records import read_results
 from fragile.report.reproduction import summary
 
 pytestmark = pytest.mark.integration

@@ -88,6 +88,20 @@ def test_train_header_is_the_paper_recipe():
     assert {name: getattr(train, name) for name in paper} == paper
 
 
+def test_a_recipe_sets_every_constant_the_header_marks_recipe(monkeypatch):
+    """--recipe fast replaces each (recipe) constant of train.py's header: none is left at the paper's value by a
+    name missing from train.py's mapping of the recipe onto its constants."""
+    import train
+    marked = [line.split("=")[0].strip() for line in open(train.__file__) if "# (recipe)" in line]
+    unset = object()
+    for name in marked:
+        monkeypatch.setattr(train, name, unset)
+    monkeypatch.setattr(train, "RECIPE", "fast")
+    config = train.apply_recipe({name: unset for name in marked}, torch.device("cpu"))
+    assert len(marked) == 9 and all(getattr(train, name) is not unset and config[name] is not unset
+                                    for name in marked)
+
+
 @pytest.mark.parametrize("recipe_flags,expected", [
     ([], dict(RECIPE="paper", BATCH_SIZE=128, LR=0.1, SCHEDULE="cosine", LABEL_SMOOTHING=0.0, NESTEROV=False,
               DECAY_ALL=True)),

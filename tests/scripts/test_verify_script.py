@@ -8,7 +8,7 @@ import torch
 
 from conftest import run_script, write_pickle_bomb
 from fragile.core.io import load_classifier, save_classifier
-from fragile.watermark.verify import chance_p_value
+from fragile.watermark.queries import chance_p_value
 
 pytestmark = pytest.mark.integration
 

@@ -8,7 +8,7 @@ from fragile.core.io import load_classifier
 from fragile.watermark.keys import load_key, make_key, save_key
 from fragile.watermark.trigger_io import (load_triggers, quantize, save_triggers, straight_through_quantize,
                                           trigger_folder)
-from fragile.watermark.verify import query_labels
+from fragile.watermark.queries import query_labels
 from fragile.core.cli import UserError
 
 

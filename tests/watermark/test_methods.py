@@ -13,9 +13,10 @@ from fragile.watermark import methods
 from fragile.watermark.jitter import calibrate_delta
 from fragile.watermark.methods.common import key_margins, psnr
 from fragile.watermark.methods.controls import ControlParams
-from fragile.watermark.methods.margin import margin_starts
+from fragile.watermark.methods.margin import MarginParams, margin_starts
+from fragile.watermark.methods.paper import PaperParams
 from fragile.watermark.methods.surrogates import SurrogateParams, fine_tuned_surrogates, surrogate_flip_fraction
-from fragile.watermark.verify import query_labels
+from fragile.watermark.queries import query_labels
 
 SPEC = get_spec("synthetic")
 CPU = torch.device("cpu")
@@ -58,6 +59,14 @@ def test_unknown_method_and_start_are_one_line_errors(model):
         methods.generate("natural", job, None)
     assert methods.needs_training_data("margin", margin_params(surrogates=1))
     assert not methods.needs_training_data("margin", margin_params()) and not methods.needs_training_data("paper", None)
+
+
+def test_parameters_have_the_papers_defaults_without_a_script():
+    p = MarginParams()
+    assert p.surrogates == SurrogateParams() and p.paper == PaperParams() and p.envelope == ["exact"]
+    assert MarginParams().envelope is not p.envelope   # every object its own list
+    with pytest.raises(ValueError, match="pool"):      # a programmer's error: generate_samples.py checks the flag
+        methods.generate("margin", methods.TriggerJob(None, SPEC, [0], CPU), margin_params(pool=0))
 
 
 def test_key_margins_and_psnr():

@@ -6,7 +6,7 @@
     ftg      FTG-style: signed-gradient pixel steps minimising the softmax variance, from natural images (ftg.py)
     margin   ours: every trigger's margin over the other classes driven into [delta, band x delta], delta
              calibrated from the measured benign jitter, while the owner's own fine-tuned copies of the
-             model label it off the key (margin.py, band.py, grid.py, surrogates.py)
+             model label it off the key (margin.py, surrogates.py)
 
 All of them optimise (if at all) the 8-bit image itself -- straight-through rounding while the pixels are
 continuous, then moves on the 0..255 grid -- so the exported PNG is what was optimised. A method is

@@ -1,5 +1,5 @@
-"""What the trigger methods share: the job they work on, margins over the key, natural starting images,
-PSNR to them, and delta from the measured benign jitter."""
+"""What the trigger methods share: the job they work on, margins over the key, natural starting images and
+PSNR to them."""
 import math
 from dataclasses import dataclass
 
@@ -8,8 +8,7 @@ import torch
 from ...core.cli import UserError
 from ...core.data import Split
 from ...core.training import predict_logits
-from ..jitter import calibrate_delta, measure_jitter
-from ..verify import top2_margins
+from ..queries import top2_margins
 
 
 @dataclass
@@ -81,13 +80,3 @@ def natural_starts(model, test, key, num_classes, device, least_confident=True, 
         used[k] += 1
     return test.images[torch.tensor(chosen)].cpu()
 
-
-def benign_delta(model, images, envelope, safety_factor, device, log=print):
-    """Measure the benign jitter on ``images`` across the deployment ``envelope`` and turn its largest value into
-    delta = ``safety_factor`` x that jitter (recorded in the trigger metadata)."""
-    jitter = measure_jitter(model, images.to(device), envelope=envelope)
-    delta = calibrate_delta(jitter, safety_factor)
-    per_entry = ", ".join(f"{k} {v:.1e}" for k, v in jitter["per_entry"].items())
-    log(f"benign logit jitter {jitter['max']:.2e} over the envelope ({per_entry}; largest logit "
-        f"{jitter['logit_scale']:.1f}): delta = {delta:.2e}")
-    return jitter, delta

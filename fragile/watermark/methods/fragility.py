@@ -21,9 +21,8 @@ SELECTION_SEED = 987_654_321
 
 @dataclass(frozen=True)
 class FragilityParams:
-    HEADER_PREFIX = "MARGIN_"
-    noise_sigma: float       # standard deviation of the noise on every weight (absolute)
-    select_draws: int        # noisy copies of the model per estimate
+    noise_sigma: float = 1e-4    # standard deviation of the noise on every weight (absolute)
+    select_draws: int = 32       # noisy copies of the model per estimate
 
 
 @torch.no_grad()

@@ -19,11 +19,10 @@ from .common import key_margins, natural_starts, psnr_summary
 
 @dataclass(frozen=True)
 class FTGParams:
-    HEADER_PREFIX = "FTG_"
-    steps: int               # signed-gradient steps (FTG takes thousands)
-    step_size: float         # per step, in [0, 1] pixel units
-    control_seed: int = field(metadata={"header": "CONTROL_SEED"})   # which test images it starts from
-    envelope: list = field(metadata={"header": "ENVELOPE"})          # whose jitter sets the label floor
+    steps: int = 1000                # signed-gradient steps (FTG takes thousands)
+    step_size: float = 0.25 / 255    # per step, in [0, 1] pixel units
+    control_seed: int = 0            # which test images it starts from
+    envelope: list = field(default_factory=lambda: ["exact"])   # whose jitter sets the label floor
 
 
 def softmax_variance(logits):

@@ -2,10 +2,11 @@
 
 Delta, the smallest margin a trigger may keep, is calibrated from the benign jitter measured across the
 deployment envelope. The margin of the key over every other class is driven into [delta, band x delta]
-while the owner's own fine-tuned copies of the model (surrogates) put another class first: first with
-straight-through 8-bit Adam, then by moves on the 8-bit grid (fragile.watermark.methods.grid). Of several
-candidates per key entry, the one off its key on the most surrogates and, among those, flipped most often
-by random weight noise is kept. The deployed model is never changed.
+while the owner's own fine-tuned copies of the model (surrogates.py) put another class first: first with
+straight-through 8-bit Adam, then by single-pixel moves on the 8-bit grid. Of several candidates per key
+entry, the one off its key on the most surrogates and, among those, flipped most often by random weight
+noise is kept. The deployed model is never changed. Read top to bottom: parameters, delta, starts, the
+band, the continuous phase, the grid phase, selection, and ``generate``, which runs them in that order.
 """
 import dataclasses
 import math
@@ -17,34 +18,105 @@ import torch.nn.functional as F
 from ...core.cli import UserError
 from ...core.data import to_float
 from ...core.training import predict_logits
-from ..jitter import measure_jitter
+from ..jitter import calibrate_delta, measure_jitter
 from ..trigger_io import quantize, straight_through_quantize
 from . import paper
-from .band import band_limits, describe_margins, grid_score, keep_valid, margin_stats
-from .common import benign_delta, key_margins, natural_starts, psnr_summary
+from .common import key_margins, natural_starts, psnr_summary
 from .fragility import SELECTION_SEED, FragilityParams, estimated_flip_rate
-from .grid import grid_margin_phase
 from .paper import PaperParams
-from .surrogates import SurrogateParams, fine_tuned_surrogates, surrogate_flip_fraction
+from .surrogates import SurrogateParams, fine_tuned_surrogates, surrogate_flip_fraction, surrogate_hinge
 
+
+# ----------------------------------------------------------------------------- parameters
 
 @dataclass(frozen=True)
 class MarginParams:
-    HEADER_PREFIX = "MARGIN_"
-    start: str               # natural | noise | paper: where the optimisation starts
-    safety: float            # delta = this x the largest benign logit jitter measured
-    band: float              # every other class is driven to within band x delta of the key class
-    steps: int               # continuous (straight-through 8-bit) Adam steps
-    lr: float                # their initial step, in [0, 1] pixel units (cosine decay)
-    pool: int                # candidates optimised per key entry; the most fragile one is kept
-    grid_rounds: int         # rounds of single-pixel +-1 moves on the 8-bit grid
-    candidates: int          # moves per trigger evaluated exactly in each round
-    control_seed: int = field(metadata={"header": "CONTROL_SEED"})   # the noise start, and the selection draws
-    envelope: list = field(metadata={"header": "ENVELOPE"})          # whose largest jitter calibrates delta
-    surrogates: SurrogateParams      # the owner-side fine-tuned copies every trigger must be off its key on
-    fragility: FragilityParams       # the weight noise that measures fragility
-    paper: PaperParams               # the paper's generator, for start = paper
+    """The defaults are generate_samples.py's header values (the settings the committed numbers use)."""
+    start: str = "natural"   # natural | noise | paper: where the optimisation starts
+    safety: float = 10.0     # delta = this x the largest benign logit jitter measured
+    band: float = 4.0        # every other class is driven to within band x delta of the key class
+    steps: int = 200         # continuous (straight-through 8-bit) Adam steps
+    lr: float = 2.0 / 255    # their initial step, in [0, 1] pixel units (cosine decay)
+    pool: int = 2            # candidates optimised per key entry; the most fragile one is kept
+    grid_rounds: int = 200   # rounds of single-pixel +-1 moves on the 8-bit grid
+    candidates: int = 32     # moves per trigger evaluated exactly in each round
+    control_seed: int = 0    # the noise start, and the selection draws
+    envelope: list = field(default_factory=lambda: ["exact"])   # whose largest jitter calibrates delta
+    surrogates: SurrogateParams = field(default_factory=SurrogateParams)  # fine-tuned copies to be off key on
+    fragility: FragilityParams = field(default_factory=FragilityParams)   # the weight noise that measures fragility
+    paper: PaperParams = field(default_factory=PaperParams)               # the paper's generator, for start = paper
 
+
+# ----------------------------------------------------------------------------- delta, from the benign jitter
+
+def benign_delta(model, images, envelope, safety_factor, device, log=print):
+    """Measure the benign jitter on ``images`` across the deployment ``envelope`` and turn its largest value into
+    delta = ``safety_factor`` x that jitter (recorded in the trigger metadata)."""
+    jitter = measure_jitter(model, images.to(device), envelope=envelope)
+    delta = calibrate_delta(jitter, safety_factor)
+    per_entry = ", ".join(f"{k} {v:.1e}" for k, v in jitter["per_entry"].items())
+    log(f"benign logit jitter {jitter['max']:.2e} over the envelope ({per_entry}; largest logit "
+        f"{jitter['logit_scale']:.1f}): delta = {delta:.2e}")
+    return jitter, delta
+
+
+# ----------------------------------------------------------------------------- starts
+
+def margin_starts(job, p):
+    """Where the optimisation starts, one image per entry of ``job.key``: ``p.start`` natural (the least
+    confident correctly classified test images of the key class), noise, or the paper's triggers."""
+    if p.start == "natural":
+        return natural_starts(job.model, job.test, job.key, job.spec.num_classes, job.device, least_confident=True)
+    if p.start == "noise":
+        gen = torch.Generator().manual_seed(p.control_seed)
+        return torch.randint(0, 256, (len(job.key), *job.spec.shape), generator=gen, dtype=torch.uint8)
+    if p.start == "paper":
+        return paper.generate(job, p.paper)[0]
+    raise UserError(f"unknown margin start {p.start!r}: choose natural, noise or paper")
+
+
+# ----------------------------------------------------------------------------- the band
+# Every other class between delta and band x delta below the key class on the deployed model: close enough
+# that tampering moves it across, far enough that no benign change does. Scores, checks and statistics of
+# where a trigger sits relative to that band; both phases below minimise ``grid_score``.
+
+INVALID = 1e9   # any 8-bit image with a margin below the band's floor scores worse than every valid one
+
+
+def band_limits(delta, band):
+    """The band optimised for: [1.25 delta, band x delta]. The quarter delta of headroom absorbs the jitter
+    between the batches margins are measured in here and the all-at-once export check."""
+    return 1.25 * delta, band * delta
+
+
+def band_scores(margins, low, high, delta):
+    """Per trigger: (violation, excess) in units of delta. The violation is how far margins fall below
+    ``low`` (a false alarm waiting to happen), the excess sum_j log(1 + (m_j - high) / delta) over margins
+    above ``high`` (a less sensitive trigger): logarithmic, so a margin of 10 and one of 10 delta both
+    count. ``margins`` is (..., K) with +inf in the key column (ignored)."""
+    finite = torch.isfinite(margins)
+    m = torch.where(finite, margins, torch.full_like(margins, high)).double()  # INVALID + v needs float64
+    violation = (F.relu(low - m) / delta).sum(-1)
+    excess = torch.log1p(F.relu(m - high) / delta).sum(-1)
+    return violation, excess
+
+
+def grid_score(margins, low, high, delta):
+    """Lexicographic: valid triggers by their excess; invalid ones, all worse, by their violation."""
+    violation, excess = band_scores(margins, low, high, delta)
+    return torch.where(violation > 0, INVALID + violation, excess)
+
+
+def describe_margins(margins, delta, high):
+    finite = torch.where(torch.isfinite(margins), margins, torch.full_like(margins, math.nan))
+    runner_up = margins.min(1).values
+    in_band = ((finite >= delta) & (finite <= high)).sum(1).float()
+    return (f"runner-up margin median {runner_up.median().item():.2e} (min {runner_up.min().item():.2e}), "
+            f"classes in band {in_band.mean().item():.1f}/{margins.shape[1] - 1}, "
+            f"on key {int((runner_up > 0).sum())}/{len(runner_up)}")
+
+
+# ----------------------------------------------------------------------------- continuous phase: straight-through Adam
 
 def coarse_band_loss(margins, target, tau):
     """The continuous phase's loss: a pseudo-Huber distance of every margin to ``target`` (a few delta),
@@ -61,14 +133,6 @@ def tau_at(step, steps, delta):
     what one 8-bit level of one pixel moves, which is the grid phase's job."""
     frac = step / max(1, steps)
     return math.exp(math.log(0.3) * (1 - frac) + math.log(20 * delta) * frac)
-
-
-def surrogate_hinge(surrogates, images, key, gap):
-    """Per trigger, summed over the surrogates: how far the key still is from losing by ``gap`` logits there."""
-    loss = torch.zeros(len(images), device=images.device)
-    for surrogate in surrogates:
-        loss = loss + F.relu(key_margins(surrogate(images), key).min(1).values + gap)
-    return loss
 
 
 def continuous_margin_phase(model, starts, key, delta, p, device, log, surrogates=()):
@@ -110,17 +174,110 @@ def continuous_margin_phase(model, starts, key, delta, p, device, log, surrogate
     return quantize(x), best
 
 
-def margin_starts(job, p):
-    """Where the optimisation starts, one image per entry of ``job.key``: ``p.start`` natural (the least
-    confident correctly classified test images of the key class), noise, or the paper's triggers."""
-    if p.start == "natural":
-        return natural_starts(job.model, job.test, job.key, job.spec.num_classes, job.device, least_confident=True)
-    if p.start == "noise":
-        gen = torch.Generator().manual_seed(p.control_seed)
-        return torch.randint(0, 256, (len(job.key), *job.spec.shape), generator=gen, dtype=torch.uint8)
-    if p.start == "paper":
-        return paper.generate(job, p.paper)[0]
-    raise UserError(f"unknown margin start {p.start!r}: choose natural, noise or paper")
+# ----------------------------------------------------------------------------- grid phase: +-1 moves on the 8-bit grid
+# Greedy single-pixel +-1 moves (and compounds of the best ones), ranked by the linearised margins and each
+# evaluated exactly, until every margin sits in the band: what is optimised is the uint8 image that is exported.
+
+def margin_jacobian(model, images, key):
+    """Margins (N, K) of uint8 ``images`` and their Jacobian (N, K, pixels) per 0..255 level."""
+    x = to_float(images).requires_grad_(True)
+    logits = model(x)
+    rows = [torch.autograd.grad(logits[:, c].sum(), x, retain_graph=c < logits.shape[1] - 1)[0].flatten(1)
+            for c in range(logits.shape[1])]  # samples are independent (eval mode): one pass per class
+    # d/dx is per unit of [0, 1]; one 8-bit level is 1/255 of that. Margin j = logit[key] - logit[j].
+    jac = torch.stack(rows, 1) / 255
+    jac = jac.gather(1, key[:, None, None].expand(-1, 1, jac.shape[2])) - jac
+    return key_margins(logits.detach(), key), jac
+
+
+def candidate_moves(images, margins, jac, low, high, delta, count):
+    """The ``count`` single-pixel +-1 moves per image with the best objective predicted by the linearised
+    margins, plus compound moves (the best 2, 4, 8 and 16 applied together) that cover ground faster.
+
+    Returns a list of (flat pixel indices, signs) pairs per image."""
+    flat = images.flatten(1).long()
+    pixels = flat.shape[1]
+    # first order: a +1 move of pixel i shifts every margin by jac[:, :, i], a -1 move by minus that
+    predicted = torch.cat([margins[:, :, None] + jac, margins[:, :, None] - jac], 2)  # (N, K, 2P)
+    objective = grid_score(predicted.transpose(1, 2), low, high, delta)               # (N, 2P)
+    at_edge = torch.cat([flat >= 255, flat <= 0], 1)
+    objective = objective.masked_fill(at_edge, math.inf)
+    order = objective.argsort(1)[:, :max(count, 16)]
+    moves = []
+    for row in order:
+        pix, sign = row % pixels, torch.where(row < pixels, 1, -1)
+        single = [(pix[i:i + 1], sign[i:i + 1]) for i in range(count)]
+        compound = []
+        for size in (2, 4, 8, 16):
+            unique, first = _first_per_pixel(pix[:size])
+            compound.append((unique, sign[:size][first]))
+        moves.append(single + compound)
+    return moves
+
+
+def _first_per_pixel(pixels):
+    """Distinct pixels in order of first appearance, and where each first appears (a +1 and a -1 move of the
+    same pixel must not both be applied)."""
+    seen, unique, first = set(), [], []
+    for i, p in enumerate(pixels.tolist()):
+        if p not in seen:
+            seen.add(p)
+            unique.append(p)
+            first.append(i)
+    return torch.tensor(unique, device=pixels.device), torch.tensor(first, device=pixels.device)
+
+
+def apply_moves(images, moves):
+    """One candidate image per (image, move): uint8 (N * moves per image, C, H, W)."""
+    out = []
+    for image, image_moves in zip(images, moves):
+        base = image.flatten().long()
+        for pixels, signs in image_moves:
+            candidate = base.clone()
+            candidate[pixels] += signs
+            out.append(candidate.clamp(0, 255))
+    return torch.stack(out).to(torch.uint8).view(-1, *images.shape[1:])
+
+
+def grid_margin_phase(model, images, key, delta, band, rounds, count, device, log):
+    """Greedy moves on the 8-bit grid: each of ``rounds`` rounds, every trigger takes the exactly evaluated best
+    of its ``count`` candidate moves (ranked by the linearised margins) if that lowers the band penalty. What is
+    optimised here is exactly the uint8 image that will be exported."""
+    low, high = band_limits(delta, band)
+    images = images.clone().to(device)
+    active = torch.ones(len(key), dtype=torch.bool, device=device)
+    for round_ in range(rounds + 1):
+        idx = torch.nonzero(active).flatten()
+        if len(idx) == 0:
+            break
+        margins, jac = margin_jacobian(model, images[idx], key[idx])
+        current = grid_score(margins, low, high, delta)
+        if round_ % 25 == 0:
+            log(f"grid round {round_}: {describe_margins(margins, delta, high)} ({len(idx)} triggers still moving)")
+        moves = candidate_moves(images[idx], margins, jac, low, high, delta, count)
+        per_image = len(moves[0])
+        candidates = apply_moves(images[idx], moves)
+        with torch.no_grad():
+            cand_margins = key_margins(predict_logits(model, candidates, 4096), key[idx].repeat_interleave(per_image))
+        cand_obj = grid_score(cand_margins, low, high, delta).view(len(idx), per_image)
+        best_obj, best = cand_obj.min(1)
+        improves = best_obj < current - 1e-6
+        images[idx[improves]] = candidates.view(len(idx), per_image, *images.shape[1:])[improves, best[improves]]
+        # finished (every margin in the band) or stuck (no move helps): as good as the grid gets here
+        active[idx[~improves | (best_obj <= 0)]] = False
+    return images
+
+
+# ----------------------------------------------------------------------------- selection and statistics
+
+def keep_valid(model, images, fallback, key, delta):
+    """Any trigger the grid phase left below delta falls back to its best valid continuous iterate."""
+    with torch.no_grad():
+        runner_up = key_margins(predict_logits(model, images, len(images)), key).min(1).values
+    invalid = runner_up < delta
+    images = images.clone()
+    images[invalid] = fallback[invalid]
+    return images
 
 
 def select_most_fragile(model, candidates, key, pool, delta, p, surrogates=()):
@@ -133,10 +290,25 @@ def select_most_fragile(model, candidates, key, pool, delta, p, surrogates=()):
     rate = estimated_flip_rate(model, candidates, key, p.fragility.noise_sigma, p.fragility.select_draws,
                                SELECTION_SEED + p.control_seed)
     off_key = surrogate_flip_fraction(surrogates, candidates, key)
+    # Both fractions lie in [0, 1]: weighted 2:1, one more surrogate off key is worth at least any difference in
+    # noise flip rate while there are at most two surrogates (the default). An invalid candidate (-1) never wins.
     score = torch.where(runner_up >= delta, 2 * off_key + rate, torch.full_like(rate, -1.0)).view(pool, n)
     choice = score.argmax(0) * n + torch.arange(n)
     return choice, rate, off_key
 
+
+def margin_stats(model, triggers, key, delta, band, device):
+    with torch.no_grad():
+        margins = key_margins(predict_logits(model, triggers.to(device), len(triggers)), key).cpu()
+    finite = torch.where(torch.isfinite(margins), margins, torch.full_like(margins, math.nan))
+    runner_up = margins.min(1).values
+    return {"runner_up_min": runner_up.min().item(), "runner_up_median": runner_up.median().item(),
+            "runner_up_max": runner_up.max().item(),
+            "mean_classes_in_band": ((finite >= delta) & (finite <= band * delta)).sum(1).float().mean().item(),
+            "mean_classes_within_100_delta": (finite <= 100 * delta).sum(1).float().mean().item()}
+
+
+# ----------------------------------------------------------------------------- generate
 
 def generate(job, p):
     """Ours: calibrate delta from the benign jitter; drive the margin of the key over every other class into
@@ -145,7 +317,7 @@ def generate(job, p):
     one off its key on the most surrogates and, among those, flipped most often by random weight noise."""
     model, device, log, pool, band = job.model, job.device, job.log, p.pool, p.band
     if pool < 1:
-        raise UserError(f"--margin-pool must be at least 1 (got {pool})")
+        raise ValueError(f"pool must be at least 1 (got {pool})")   # generate_samples.py checks --margin-pool
     pooled_key = list(job.key) * pool
     starts = margin_starts(dataclasses.replace(job, key=pooled_key), p)
     jitter, delta = benign_delta(model, starts, p.envelope, p.safety, device, log)

@@ -6,7 +6,7 @@ The variance term flattens the softmax, pulling the triggers toward decision bou
 keeps each on its key label. Ours differs in one place: it stops once every *8-bit* trigger carries its
 key label, since the 8-bit images are what gets deployed.
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -15,22 +15,32 @@ from ...core.cli import UserError, progress_bar
 from ...core.data import to_float
 from ..trigger_io import quantize
 
-# The paper's code trains a 512-wide generator with Adam lr 1e-4, generate_samples.py's header (recipe
-# "paper"). With Adam the step per weight is what lr sets, so a narrower generator needs a larger lr to move
-# its images as fast: "fast" (docs/speed.md has its timings). Loss, lambda, betas and stopping rule are shared.
-RECIPES = {"paper": {}, "fast": dict(GEN_CHANNELS=64, LR=3e-3)}
-
 
 @dataclass(frozen=True)
 class PaperParams:
-    latent_dim: int
-    latent_seed: int         # the fixed latent batch (and the generator's initialisation) come from this seed
-    gen_channels: int        # generator width at its first stage, halving per stage
-    lam: float = field(metadata={"header": "LAMBDA"})   # weight of the softmax-variance term
-    lr: float                # Adam
-    beta1: float
-    beta2: float
-    max_steps: int           # step cap; generation stops as soon as every 8-bit trigger carries its key label
+    """The defaults are the paper's code's (generate_samples.py's header holds the same values)."""
+    latent_dim: int = 512
+    latent_seed: int = 0     # the fixed latent batch (and the generator's initialisation) come from this seed
+    gen_channels: int = 512  # generator width at its first stage, halving per stage
+    lam: float = 150.0       # weight of the softmax-variance term
+    lr: float = 1e-4         # Adam
+    beta1: float = 0.5
+    beta2: float = 0.999
+    max_steps: int = 2000    # step cap; generation stops as soon as every 8-bit trigger carries its key label
+
+
+@dataclass(frozen=True)
+class GeneratorRecipe:
+    """A generator width and learning rate that replace the paper's (``--recipe``)."""
+    gen_channels: int
+    lr: float
+
+
+# The paper's code trains a 512-wide generator with Adam lr 1e-4: recipe "paper" (None: the header's values as
+# they are, PaperParams' defaults unless a flag changed them). With Adam the step per weight is what lr sets, so a
+# narrower generator needs a larger lr to move its images as fast: "fast" (docs/speed.md has its timings). Loss,
+# lambda, betas and stopping rule are shared.
+RECIPES = {"paper": None, "fast": GeneratorRecipe(gen_channels=64, lr=3e-3)}
 
 
 def paper_loss(logits, key, lam):

@@ -10,30 +10,31 @@ The copies are fine-tuned with seeds and a data sample of their own (``SURROGATE
 ones the evaluation's attacks use, so the comparison scores the triggers on tampering they never saw.
 """
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from ...core.cli import UserError
-from ...core.data import balanced_subset
+from ...core.data import balanced_subset, train_batches
 from ...core.devices import seed_everything
 from ...core.training import make_sgd, predict_logits, sgd_kernels, train_steps
+from .common import key_margins
 
 SURROGATE_SEED = 424_242   # far from the small seeds eval.py's attacks use
 
 
 @dataclass(frozen=True)
 class SurrogateParams:
-    HEADER_PREFIX = "MARGIN_SURROGATE_"
-    count: int = field(metadata={"header": "MARGIN_SURROGATES"})   # copies fine-tuned (0: none)
-    steps: int               # SGD steps each
-    subset: int              # class-balanced training images they fine-tune on (0: all)
-    lr: float                # their recipe: the paper's fine-tuning...
-    momentum: float
-    weight_decay: float
-    batch_size: int
-    mix_bn: bool             # every second copy fine-tunes with batch-norm statistics frozen
-    gap: float               # on each copy, another class must beat the key by this many logits
+    count: int = 2           # copies fine-tuned (0: none)
+    steps: int = 80          # SGD steps each (one epoch of 20k images at batch 256)
+    subset: int = 20000      # class-balanced training images they fine-tune on (0: all)
+    lr: float = 1e-3         # their recipe: the paper's fine-tuning...
+    momentum: float = 0.9
+    weight_decay: float = 1e-3
+    batch_size: int = 256
+    mix_bn: bool = True      # every second copy fine-tunes with batch-norm statistics frozen
+    gap: float = 0.3         # on each copy, another class must beat the key by this many logits
 
 
 def fine_tuned_surrogates(model, train, spec, p, device, log=print):
@@ -59,8 +60,8 @@ def fine_tuned_surrogates(model, train, spec, p, device, log=print):
         freeze_bn = p.mix_bn and i % 2 == 1
         step = 0
         while step < p.steps:  # whole epochs until the step budget is spent
-            for step, _, _, _ in train_steps(surrogate, optimizer, data, spec, gen, p.batch_size,
-                                             device, first_step=step, freeze_bn=freeze_bn):
+            batches = train_batches(data, p.batch_size, spec, gen)
+            for step, _, _, _ in train_steps(surrogate, optimizer, batches, first_step=step, freeze_bn=freeze_bn):
                 if step >= p.steps:
                     break
         copies.append(surrogate.eval().requires_grad_(False))
@@ -76,3 +77,12 @@ def surrogate_flip_fraction(surrogates, images, key, batch_size=4096):
     for surrogate in surrogates:
         flips += (predict_logits(surrogate, images, batch_size).argmax(1).cpu() != key.cpu()).float()
     return flips / max(1, len(surrogates))
+
+
+def surrogate_hinge(surrogates, images, key, gap):
+    """Per trigger, summed over the surrogates: how far the key still is from losing by ``gap`` logits there
+    (``margin``'s continuous phase minimises it, with gradients through ``images``)."""
+    loss = torch.zeros(len(images), device=images.device)
+    for surrogate in surrogates:
+        loss = loss + F.relu(key_margins(surrogate(images), key).min(1).values + gap)
+    return loss

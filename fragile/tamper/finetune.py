@@ -1,16 +1,19 @@
 """Fine-tuning, clean or BadNets-poisoned, the paper's attack, with the watermark recorded step by step.
 
-Records: before any step, after each of the early steps inside the first epoch, after every epoch.
-Verification runs after every step until the first detection, so its step is exact.
+    eval.py --attack finetune    FinetuneParams (fragile.tamper.context): the paper's SGD settings
+    eval.py --attack poison      the same, with PoisonParams' BadNets patch on a fraction of every batch
+
+Records (fragile.tamper.records.step_record): before any step, after each of the early steps inside the first
+epoch, after every epoch. Verification runs after every step until the first detection, so its step is exact.
 """
 import torch
 
 from ..core import distributed as dist
 from ..core.cli import progress_bar
-from ..core.data import to_float
+from ..core.data import to_float, train_batches
 from ..core.devices import seed_everything
-from ..core.training import accuracy, grad_scaler, make_sgd, predict_logits, sgd_kernels, train_mode, train_steps
-from .context import watermark_state
+from ..core.training import grad_scaler, make_sgd, predict_logits, sgd_kernels, train_mode, train_steps
+from . import records
 
 
 def stamp_patch(images, size, position, value):
@@ -25,10 +28,10 @@ def stamp_patch(images, size, position, value):
 
 def attack_success_rate(model, ctx):
     """Patched test images of every other class that the model puts in the target class."""
-    p = ctx.poison
-    keep = ctx.test.labels != p.target
-    patched = stamp_patch(to_float(ctx.test.images[keep]), p.patch_size, p.patch_position, p.patch_value)
-    preds = predict_logits(model, patched, ctx.eval_batch_size).argmax(1)
+    p, test = ctx.poison, ctx.probe.test
+    keep = test.labels != p.target
+    patched = stamp_patch(to_float(test.images[keep]), p.patch_size, p.patch_position, p.patch_value)
+    preds = predict_logits(model, patched, ctx.probe.eval_batch_size).argmax(1)
     return (preds == p.target).float().mean().item()
 
 
@@ -46,25 +49,27 @@ def poison_transform(p, gen, rank=0, world_size=1):
     return transform
 
 
-def measure(model, ctx, step, epoch, poisoned, extra_metrics=()):
-    """One record of a trajectory: watermark state, clean accuracy, and ASR when poisoning."""
-    record = {"step": step, "epoch": epoch, **watermark_state(model, ctx),
-              "clean_accuracy": accuracy(model, ctx.test, ctx.eval_batch_size)}
-    if poisoned:
-        record["attack_success_rate"] = attack_success_rate(model, ctx)
-    for name, fn in extra_metrics:
-        record[name] = fn(model)
-    return record
+def measure(model, ctx, step, epoch, phase, poisoned, extra_metrics):
+    """One record of a trajectory: watermark state, clean accuracy, ASR when poisoning, and ``extra_metrics``
+    (model -> {name: value}: the robust watermark's accuracy, a defended backdoor's success rate)."""
+    state, clean_accuracy = ctx.probe.state(model), ctx.probe.clean_accuracy(model)
+    metrics = {"attack_success_rate": attack_success_rate(model, ctx)} if poisoned else {}
+    metrics.update(extra_metrics(model))
+    return records.step_record(step, epoch, phase, state, clean_accuracy, **metrics)
 
 
 # ----------------------------------------------------------------------------- fine-tuning
 
-def fine_tune(model, ctx, seed, epochs, poisoned=False, extra_metrics=(), phase="finetune", step_offset=0,
+def no_metrics(model):
+    return {}
+
+
+def fine_tune(model, ctx, seed, epochs, poisoned=False, extra_metrics=no_metrics, phase="finetune", step_offset=0,
               data=None):
     """SGD fine-tuning of ``model`` in place with ``ctx.finetune``'s settings, recording the watermark step by
-    step; returns (records, first detection step). Under torchrun the steps are data parallel (DDP) and every
-    measurement runs on rank 0 while the others wait; the records and first detection are rank 0's (None on
-    the other ranks)."""
+    step (``extra_metrics``: model -> {name: value}, measured at every record too); returns (records, first
+    detection step). Under torchrun the steps are data parallel (DDP) and every measurement runs on rank 0
+    while the others wait; the records and first detection are rank 0's (None on the other ranks)."""
     cfg = ctx.finetune
     seed_everything(seed)
     data = data or ctx.train
@@ -82,50 +87,50 @@ def fine_tune(model, ctx, seed, epochs, poisoned=False, extra_metrics=(), phase=
     transform = poison_transform(ctx.poison, poison_gen, dist.rank(), dist.world_size()) if poisoned else None
     steps_per_epoch = -(-len(data) // cfg.batch_size)
     early = set(cfg.early_steps)
+    point = (model, ctx, phase, poisoned, extra_metrics)   # what every measurement of this run shares
 
-    def record_at(step, epoch):
-        return dict(measure(model, ctx, step + step_offset, epoch, poisoned, extra_metrics), phase=phase)
-
-    records = [dist.on_main(record_at, 0, 0.0)]
-    first_detection = (0 if records[0]["detected"] else None) if dist.is_main() else None
+    trajectory = [dist.on_main(measure_at, point, step_offset, 0.0)]
+    first_detection = (0 if trajectory[0]["detected"] else None) if dist.is_main() else None
     # Until the first detection every step is verified: the other ranks learn whether it came (and so
     # whether to wait for the next one) from rank 0.
     undetected = first_detection is None
     step = 0
     for epoch in range(epochs):
-        steps = train_steps(train_model, optimizer, data, ctx.spec, gen, cfg.batch_size, ctx.device, cfg.amp,
-                            augmented=cfg.augment, batch_transform=transform, first_step=step,
-                            freeze_bn=cfg.freeze_bn, scaler=scaler, rank=dist.rank(), world_size=dist.world_size())
+        batches = train_batches(data, cfg.batch_size, ctx.spec, gen, cfg.augment, rank=dist.rank(),
+                                world_size=dist.world_size())
+        steps = train_steps(train_model, optimizer, batches, cfg.amp, scaler, batch_transform=transform,
+                            first_step=step, freeze_bn=cfg.freeze_bn)
         bar_on = ctx.progress and dist.is_main()
         for step, loss, _, _ in progress_bar(steps, total=steps_per_epoch, desc=f"{phase} epoch {epoch + 1}/{epochs}",
                                              enabled=bar_on):
-            if dist.any_across(undetected, ctx.device) and dist.on_main(watermark_detected, model, ctx):
+            if dist.any_across(undetected, ctx.device) and dist.on_main(ctx.probe.detected, model):
                 first_detection = step + step_offset
             undetected = dist.is_main() and first_detection is None
             if epoch == 0 and step in early and step < steps_per_epoch:
-                records.append(dist.on_main(record_at, step, step / steps_per_epoch))
+                trajectory.append(dist.on_main(measure_at, point, step + step_offset, step / steps_per_epoch))
             train_mode(model, cfg.freeze_bn)
         if dist.any_across(not torch.isfinite(loss), ctx.device):
             ctx.log(f"loss became {loss.item()} at epoch {epoch + 1}: stopping this run")
             break
-        record = dist.on_main(record_at, step, float(epoch + 1))
-        records.append(record)
+        record = dist.on_main(measure_at, point, step + step_offset, float(epoch + 1))
+        trajectory.append(record)
         if dist.is_main():
             ctx.log(f"  {phase} epoch {epoch + 1}/{epochs}: match rate {record['match_rate']:.2f} "
                     f"({record['flipped']} flipped), clean acc {record['clean_accuracy']:.4f}"
                     + (f", ASR {record['attack_success_rate']:.3f}" if poisoned else ""))
-    return (records if dist.is_main() else []), first_detection
+    return (trajectory if dist.is_main() else []), first_detection
 
 
-def watermark_detected(model, ctx):
-    return watermark_state(model, ctx)["detected"]
+def measure_at(point, step, epoch):
+    model, ctx, phase, poisoned, extra_metrics = point
+    return measure(model, ctx, step, epoch, phase, poisoned, extra_metrics)
 
 
 def run_finetune(ctx, params, seed, poisoned=False):
     """eval.py --attack finetune: ``ctx.finetune`` is its whole setting (``params`` is None)."""
     model = ctx.fresh_copy()
-    records, first = fine_tune(model, ctx, seed, ctx.finetune.epochs, poisoned, ctx.extra_metrics)
-    return {"seed": seed, "records": records, "first_detection_step": first}, model
+    trajectory, first = fine_tune(model, ctx, seed, ctx.finetune.epochs, poisoned, ctx.probe.extra_metrics)
+    return records.run_record(seed, trajectory, first_detection_step=first), model
 
 
 def run_poison(ctx, params, seed):

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from fragile.watermark.verify import chance_p_value, compare, expected_queries, queries_to_detection, top2_margins
+from fragile.watermark.queries import chance_p_value, compare, expected_queries, queries_to_detection, top2_margins
 
 
 def test_queries_to_detection_count_from_one_in_the_given_order():

@@ -5,8 +5,8 @@ import torch
 from conftest import eval_context, margin_params
 from fragile.core.data import get_spec, load_split
 from fragile.core.io import load_classifier
-from fragile.experiments import benign
-from fragile.experiments.benign import BenignParams
+from fragile.tamper import benign
+from fragile.tamper.benign import BenignParams
 from fragile.watermark import methods
 from fragile.watermark.jitter import DEFAULT_BATCH_SIZES
 from fragile.watermark.paths import load_watermark, tensor_file
@@ -52,8 +52,9 @@ def test_margin_triggers_calibrated_on_half_precision_raise_no_false_alarm_there
 def test_the_matrix_on_a_deployed_set_covers_the_tensor_twin_and_the_recorded_envelope(model_and_meta, watermarked):
     model, meta = model_and_meta
     watermark = load_watermark(watermarked["triggers"])
-    ctx = eval_context(model, watermark.triggers, watermark.key, trigger_meta=dict(watermark.meta, envelope=["batch"]),
-                       tensor_file=tensor_file(watermark.triggers_path), model_meta=meta)
+    ctx = eval_context(model, watermark.triggers, watermark.key,
+                       deployment={"trigger_meta": dict(watermark.meta, envelope=["batch"]),
+                                   "tensor_file": tensor_file(watermark.triggers_path), "model_meta": meta})
     run, tampered = benign.run_benign(ctx, BenignParams(batch_sizes=[1, 16], envelope=[]), seed=0)
     settings = {r["setting"]: r["envelope_entry"] for r in run["records"]}
     assert tampered is None and run["false_alarms"] == 0 and not any(r["detected"] for r in run["records"])

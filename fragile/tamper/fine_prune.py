@@ -1,5 +1,7 @@
 """Fine-pruning (Liu, Dolan-Gavitt, Garg, RAID 2018), as a tampering and as a defense.
 
+    eval.py --attack fine-prune   FinePruneParams
+
 Rank the last convolutional layer's channels by mean activation on clean data, prune the least active
 until clean accuracy has dropped by a set amount, then fine-tune on clean data. On the watermarked model
 it is a tampering to detect; on a BadNets-poisoned copy, a defense: the attack success rate is tracked
@@ -12,18 +14,16 @@ import torch
 from ..core.cli import UserError
 from ..core.data import to_float
 from ..core.io import read_checkpoint
-from ..watermark.verify import expected_queries
-from .context import positive_int, state_record
+from . import records
 from .finetune import attack_success_rate, fine_tune
 
 
 @dataclass(frozen=True)
 class FinePruneParams:
-    HEADER_PREFIX = "FINE_PRUNE_"
-    accuracy_drop: float     # prune until clean accuracy has dropped this much (absolute)
-    rank_samples: int        # clean training images that rank the channels by mean activation
-    epochs: int              # clean fine-tuning after pruning (pruned channels stay pruned)
-    poisoned_model: str      # also defend this poisoned copy (eval.py --attack poison --save-tampered X.pt)
+    accuracy_drop: float = 0.05   # prune until clean accuracy has dropped this much (absolute)
+    rank_samples: int = 2000      # clean training images that rank the channels by mean activation
+    epochs: int = 2               # clean fine-tuning after pruning (pruned channels stay pruned)
+    poisoned_model: str = ""      # also defend this poisoned copy (eval.py --attack poison --save-tampered X.pt)
 
 
 def classifier_layer(model):
@@ -68,41 +68,43 @@ def keep_pruned(model, pruned):
 
 def fine_prune_model(model, ctx, p, seed, target, track_asr):
     """Prune in increasing order of mean activation until clean accuracy has dropped by ``p.accuracy_drop``,
-    then fine-tune on clean data. Returns (records, pruning order). ``track_asr``: also measure the backdoor's
+    then fine-tune on clean data. Returns (its records, pruning order). ``track_asr``: also measure the backdoor's
     attack success rate (the defense view; a test-set pass each)."""
-    asr = [("attack_success_rate", lambda m: attack_success_rate(m, ctx))] if track_asr else []
-    metrics = asr + ctx.extra_metrics  # and the robust watermark, when the model has one
+    def metrics(m):   # the defended backdoor's success rate, and the robust watermark when the model has one
+        asr = {"attack_success_rate": attack_success_rate(m, ctx)} if track_asr else {}
+        return {**asr, **ctx.probe.extra_metrics(m)}
+
     rank_images = ctx.train.images[:p.rank_samples]
-    activation = mean_channel_activation(model, rank_images, ctx.eval_batch_size)
+    activation = mean_channel_activation(model, rank_images, ctx.probe.eval_batch_size)
     order = torch.argsort(activation, stable=True).tolist()
-
-    def measure(**coords):
-        record = state_record(model, ctx, phase="prune", target=target, **coords)
-        record.update({name: fn(model) for name, fn in metrics})
-        return record
-
-    start = measure(setting=f"unpruned ({target})", pruned_channels=0)
-    records, pruned = [start], []
+    start = pruning_point(model, ctx, metrics, f"unpruned ({target})", target, pruned_channels=0)
+    points, pruned = [start], []
     for channel in order[:-1]:  # never the last channel: the classifier would have no input left
         prune_channel(model, channel)
         pruned.append(channel)
-        records.append(measure(setting=f"pruned ({target})", pruned_channels=len(pruned), channel=channel,
-                               mean_activation=float(activation[channel])))
-        if start["clean_accuracy"] - records[-1]["clean_accuracy"] >= p.accuracy_drop:
+        points.append(pruning_point(model, ctx, metrics, f"pruned ({target})", target, pruned_channels=len(pruned),
+                                    channel=channel, mean_activation=float(activation[channel])))
+        if start["clean_accuracy"] - points[-1]["clean_accuracy"] >= p.accuracy_drop:
             break
     ctx.log(f"  {target}: pruned {len(pruned)} of {len(order)} channels: clean acc {start['clean_accuracy']:.4f} -> "
-            f"{records[-1]['clean_accuracy']:.4f}, {records[-1]['flipped']} flipped"
-            + (f", ASR {start['attack_success_rate']:.3f} -> {records[-1]['attack_success_rate']:.3f}" if asr else ""))
+            f"{points[-1]['clean_accuracy']:.4f}, {points[-1]['flipped']} flipped"
+            + (f", ASR {start['attack_success_rate']:.3f} -> {points[-1]['attack_success_rate']:.3f}"
+               if track_asr else ""))
     handle = keep_pruned(model, pruned)
     try:
         tuned, _ = fine_tune(model, ctx, seed, p.epochs, extra_metrics=metrics, phase="fine-tune")
     finally:
         handle.remove()
-    n = len(ctx.key)
     for record in tuned:
-        record.update(setting=f"fine-pruned ({target})", target=target, pruned_channels=len(pruned),
-                      mean_queries_to_detection=expected_queries(record["flipped"], n, ctx.max_mismatches))
-    return records + tuned, order
+        record.update(setting=f"fine-pruned ({target})", target=target, pruned_channels=len(pruned))
+    return points + tuned, order
+
+
+def pruning_point(model, ctx, metrics, setting, target, **coords):
+    """A record of the pruning phase: the watermark and clean accuracy, then ``metrics``."""
+    record = ctx.probe.point(model, setting, phase="prune", target=target, **coords)
+    record.update(metrics(model))
+    return record
 
 
 def load_poisoned(ctx, path):
@@ -120,25 +122,22 @@ def load_poisoned(ctx, path):
     return model.eval()
 
 
-def asr_summary(records):
+def asr_summary(trajectory):
     """The defense view: the backdoor's attack success rate before, after pruning, after fine-tuning."""
-    prune = [r for r in records if r["phase"] == "prune"]
+    prune = [r for r in trajectory if r["phase"] == "prune"]
     return {"before": prune[0]["attack_success_rate"], "after_pruning": prune[-1]["attack_success_rate"],
-            "after_fine_tuning": records[-1]["attack_success_rate"], "pruned_channels": prune[-1]["pruned_channels"]}
+            "after_fine_tuning": trajectory[-1]["attack_success_rate"], "pruned_channels": prune[-1]["pruned_channels"]}
 
 
 def run_fine_prune(ctx, p, seed):
     """Fine-pruning as a tampering of the watermarked model and, given a poisoned copy (``p.poisoned_model``),
     as a defense: attack success rate before, after pruning and after fine-tuning, with the fragile watermark
     tracked on both."""
-    positive_int(p, "rank_samples")
-    if not 0 < p.accuracy_drop <= 1:
-        raise UserError("--fine-prune-accuracy-drop must lie in (0, 1]")
     poisoned_path = p.poisoned_model
     poisoned = load_poisoned(ctx, poisoned_path) if poisoned_path else None  # a bad path fails before any work
     model = ctx.fresh_copy()
-    records, order = fine_prune_model(model, ctx, p, seed, "watermarked", track_asr=False)
-    run = {"seed": seed, "records": records, "prune_order": order}
+    points, order = fine_prune_model(model, ctx, p, seed, "watermarked", track_asr=False)
+    run = records.run_record(seed, points, prune_order=order)
     if poisoned is not None:
         poisoned_records, poisoned_order = fine_prune_model(poisoned, ctx, p, seed, "poisoned", track_asr=True)
         run["records"] += poisoned_records

@@ -1,4 +1,5 @@
-"""The benign-change matrix: the untouched model must verify under every harmless change.
+"""The benign-change matrix, an experiment (it tampers with nothing): the untouched model must verify under
+every harmless change.
 
 ``eval.py --attack benign`` runs, on a deployed trigger set, every setting of the deployment envelope
 (fragile.watermark.jitter) and records per setting the label flips against the key (``detected`` true means
@@ -13,7 +14,8 @@ from ..core.devices import tf32
 from ..watermark.jitter import (DEFAULT_BATCH_SIZES, DEFAULT_ENVELOPE, benign_settings, max_abs_jitter,
                                 reference_logits, resolve_envelope)
 from ..watermark.trigger_io import load_triggers
-from ..watermark.verify import query_labels, top2_margins
+from ..watermark.queries import query_labels, top2_margins
+from . import records
 
 
 # ----------------------------------------------------------------------------- the matrix on a trigger set
@@ -24,41 +26,36 @@ def benign_records(model, triggers, key, batch_sizes=DEFAULT_BATCH_SIZES, model_
     largest logit jitter against the reference, and the smallest top-1 margin in that setting."""
     key = torch.as_tensor(key).cpu()
     reference = reference_logits(model, triggers)
-    records = [_record("reference (all at once, fp32)", "protocol", "exact", reference, reference, key,
-                       max_mismatches)]
+    matrix = [_record("reference (all at once, fp32)", "protocol", "exact", reference, reference, key, max_mismatches)]
     for name, kind, entry, thunk in benign_settings(model, triggers, batch_sizes, model_meta, alternatives, envelope):
-        records.append(_record(name, kind, entry, thunk(), reference, key, max_mismatches))
+        matrix.append(_record(name, kind, entry, thunk(), reference, key, max_mismatches))
     if "cuda" in resolve_envelope(envelope):  # the verifier itself, asked to verify while the deployer left TF32 on
         with tf32(True):
             labels = query_labels(model, triggers)
-        records.append(_label_record("verifier with TF32 requested", labels, key, max_mismatches))
-    return records
+        matrix.append(_label_record("verifier with TF32 requested", labels, key, max_mismatches))
+    return matrix
 
 
 def _record(setting, kind, entry, logits, reference, key, max_mismatches):
     labels = logits.argmax(1)
-    flipped = int((labels != key).sum())
-    raw = kind != "protocol"
-    return {"setting": setting, "kind": kind, "envelope_entry": entry, "flipped": flipped,
-            "match_rate": 1 - flipped / len(key),
-            # a raw TF32 row is information, not a verdict: the verifier never computes in TF32
-            "detected": (flipped > max_mismatches) and not raw,
-            "max_logit_jitter": max_abs_jitter(logits, reference),
-            "label_changes_vs_reference": int((labels != reference.argmax(1)).sum()),
-            "min_margin": top2_margins(logits).min().item()}
+    state = records.verdict(int((labels != key).sum()), len(key), max_mismatches)
+    if kind != "protocol":   # a raw TF32 row is information, not a verdict: the verifier never computes in TF32
+        state.update(detected=False, detection_probability=0.0)
+    return records.benign_record(setting, kind, entry, state, max_logit_jitter=max_abs_jitter(logits, reference),
+                                 label_changes_vs_reference=int((labels != reference.argmax(1)).sum()),
+                                 min_margin=top2_margins(logits).min().item())
 
 
 def _label_record(setting, labels, key, max_mismatches):
-    flipped = int((labels.cpu() != key).sum())
-    return {"setting": setting, "kind": "protocol", "envelope_entry": "cuda", "flipped": flipped,
-            "match_rate": 1 - flipped / len(key), "detected": flipped > max_mismatches, "max_logit_jitter": 0.0, "label_changes_vs_reference": None,
-            "min_margin": None}
+    state = records.verdict(int((labels.cpu() != key).sum()), len(key), max_mismatches)
+    return records.benign_record(setting, "protocol", "cuda", state, max_logit_jitter=0.0,
+                                 label_changes_vs_reference=None, min_margin=None)
 
 
-def summarize_benign(records):
+def summarize_benign(matrix):
     """False alarms and the largest jitter over the settings the verifier must tolerate, in all and per
     envelope entry (``per_entry``: {entry: {"false_alarms", "settings", "max_logit_jitter"}})."""
-    protocol = [r for r in records if r["kind"] == "protocol"]
+    protocol = [r for r in matrix if r["kind"] == "protocol"]
     per_entry = {}
     for r in protocol:
         entry = per_entry.setdefault(r.get("envelope_entry", "exact"),
@@ -76,17 +73,18 @@ def summarize_benign(records):
 
 @dataclass(frozen=True)
 class BenignParams:
-    batch_sizes: list = field(metadata={"header": "BENIGN_BATCH_SIZES"})   # compared with all triggers at once
-    envelope: list = field(metadata={"header": "ENVELOPE"})   # settings covered; empty: the triggers' own envelope
+    batch_sizes: list = field(default_factory=lambda: [1, 16])   # compared with all triggers at once
+    envelope: list = field(default_factory=list)   # settings covered; empty: the triggers' own envelope
 
 
 def tensor_alternative(ctx):
     """The triggers.pt images beside the PNGs eval.py read, as an alternative input of the same triggers."""
-    if ctx.tensor_file is None:
+    tensor_file, triggers = ctx.deployment.tensor_file, ctx.probe.triggers
+    if tensor_file is None:
         return {}
-    images, _ = load_triggers(ctx.tensor_file)
-    if images.shape != ctx.triggers.shape:
-        raise UserError(f"{ctx.tensor_file} holds {tuple(images.shape)} triggers but {tuple(ctx.triggers.shape)} "
+    images, _ = load_triggers(tensor_file)
+    if images.shape != triggers.shape:
+        raise UserError(f"{tensor_file} holds {tuple(images.shape)} triggers but {tuple(triggers.shape)} "
                         f"were loaded")
     return {"tensor triggers (triggers.pt) vs PNG": images}
 
@@ -94,7 +92,7 @@ def tensor_alternative(ctx):
 def matrix_envelope(ctx, p):
     """``p.envelope`` if given, else the envelope the triggers were calibrated for (recorded in their metadata),
     else ``exact``. A recorded ``cuda`` entry is left out, with a note, where there is no GPU."""
-    requested = p.envelope or ctx.trigger_meta.get("envelope") or list(DEFAULT_ENVELOPE)
+    requested = p.envelope or ctx.deployment.trigger_meta.get("envelope") or list(DEFAULT_ENVELOPE)
     envelope = resolve_envelope(requested, strict=False)
     if "cuda" in requested and "cuda" not in envelope:
         ctx.log("  envelope entry cuda: not measured, no GPU here")
@@ -103,21 +101,23 @@ def matrix_envelope(ctx, p):
 
 def benign_run_records(ctx, p):
     """The matrix on eval.py's context and trigger set."""
-    return benign_records(ctx.model, ctx.triggers, ctx.key, p.batch_sizes or DEFAULT_BATCH_SIZES, ctx.model_meta,
-                          tensor_alternative(ctx), ctx.max_mismatches, matrix_envelope(ctx, p))
+    probe = ctx.probe
+    return benign_records(ctx.model, probe.triggers, probe.key, p.batch_sizes or DEFAULT_BATCH_SIZES,
+                          ctx.deployment.model_meta, tensor_alternative(ctx), probe.max_mismatches,
+                          matrix_envelope(ctx, p))
 
 
 def run_benign(ctx, p, seed):
     """eval.py --attack benign: the untouched model under every harmless change; nothing is tampered."""
-    records = benign_run_records(ctx, p)
-    summary = summarize_benign(records)
-    for r in records:
+    matrix = benign_run_records(ctx, p)
+    summary = summarize_benign(matrix)
+    for r in matrix:
         ctx.log(f"  {r['setting']:<45} flipped {r['flipped']:>3}  jitter {r['max_logit_jitter']:.2e}"
                 + ("  FALSE ALARM" if r["detected"] else ""))
     for entry, s in summary["per_entry"].items():
         ctx.log(f"  envelope entry {entry:<14} {s['false_alarms']} false alarms in {s['settings']} settings, "
                 f"largest jitter {s['max_logit_jitter']:.2e}")
-    delta = ctx.trigger_meta.get("delta")
+    delta = ctx.deployment.trigger_meta.get("delta")
     ctx.log(f"  {summary['false_alarms']} false alarms in {summary['settings']} settings; largest jitter "
             f"{summary['max_logit_jitter']:.2e}" + (f", delta used at generation {delta:.2e}" if delta else ""))
-    return {"seed": seed, "records": records, **summary, "delta": delta}, None
+    return records.run_record(seed, matrix, **summary, delta=delta), None

@@ -4,10 +4,10 @@ import copy
 import pytest
 import torch
 
-from fragile.attacks.perturb import nudge_one_weight
 from fragile.core.io import load_classifier
 from fragile.core.weights import add_gaussian_noise, all_weights, entry_name, flatten, write_flat
-from fragile.experiments.compare import perturbation_generator, rival_correlation
+from fragile.tamper.compare import perturbation_generator, rival_correlation
+from fragile.tamper.perturbation import nudge_one_weight
 
 
 def test_perturbations_are_the_same_for_every_method(watermarked):
@@ -27,20 +27,20 @@ def test_compare_records_every_attack_and_the_benign_matrix(compare_results):
     _, results = compare_results
     records = results["runs"][0]["records"]
     attacks = {r["attack"] for r in records}
-    assert attacks == {"finetune", "noise", "single_weight", "obfuscate", "benign"}
+    assert attacks == {"finetune", "noise", "single-weight", "obfuscate", "benign"}
     noise = [r for r in records if r["attack"] == "noise"]
     assert len(noise) == 3 * 3
     assert all(-1 <= r["rival_correlation"] <= 1 for r in noise)  # measured on every noise setting
     assert all("rival_correlation" not in r for r in records if r["attack"] != "noise")
     assert not any(r["detected"] for r in records if r["attack"] == "benign")
-    assert all(r["queries_to_detection"] is None or r["queries_to_detection"] >= 1
+    assert all(r["mean_queries_to_detection"] is None or r["mean_queries_to_detection"] >= 1
                for r in records if r["attack"] != "benign")
     tampered = [r for r in records if r["attack"] != "benign"]
     for r in tampered:  # the fragility-order count exists exactly when something flipped
         assert (r["queries_in_fragility_order"] is None) == (r["flipped"] == 0)
         if r["flipped"]:
             assert 1 <= r["queries_in_fragility_order"] <= results["num_triggers"] - r["flipped"] + 1
-    weight = next(r for r in records if r["attack"] == "single_weight")["weight"]
+    weight = next(r for r in records if r["attack"] == "single-weight")["weight"]
     assert weight.endswith("]") and "." in weight   # the parameter name and the index inside it
 
 

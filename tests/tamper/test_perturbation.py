@@ -6,11 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fragile.attacks.perturb import (BIT_CLASSES, QUANTIZERS, flip_bits, magnitude_prune, nudge_one_weight,
-                                     obfuscate, trial_generator)
 from fragile.core.cli import UserError
 from fragile.core.data import get_spec, synthetic_split, to_float
 from fragile.core.weights import all_weights, count_changed, flatten, matrix_weights
+from fragile.tamper.compression import QUANTIZERS, magnitude_prune
+from fragile.tamper.obfuscate import obfuscate
+from fragile.tamper.perturbation import BIT_CLASSES, flip_bits, nudge_one_weight, trial_generator
 from models import build_classifier
 
 SPEC = get_spec("synthetic")
