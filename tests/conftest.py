@@ -1,6 +1,6 @@
 """Shared fixtures: a tiny watermarked model on synthetic data, built once per test session.
 
-Tests mirror the packages (tests/core, tests/watermark, tests/attacks, tests/experiments, tests/report,
+Tests mirror the packages (tests/core, tests/watermark, tests/tamper, tests/report,
 tests/models); tests/scripts runs the scripts as a user runs them (subprocesses: exit codes and error lines
 are tested too) and is marked ``integration`` (``pytest -m integration`` / ``-m "not integration"``).
 """

@@ -14,6 +14,7 @@ from matplotlib import image as mpimg
 from conftest import ROOT, run_script
 from fragile.core.cli import UserError
 from fragile.report.style import plt
+from fragile.tamper import records
 
 pytestmark = pytest.mark.integration
 KINDS = ("match_rate", "accuracy", "early_steps", "triggers")
@@ -86,8 +87,7 @@ def test_a_sweep_file_gets_no_trajectory_figure_and_says_so(trajectories, tmp_pa
     noise = copy.deepcopy(trajectories["loaded"]["finetune"])
     noise["attack"] = "noise"
     for run in noise["runs"]:
-        run["records"] = [{"setting": s, "sigma": s, "flipped": 3, "match_rate": 0.9, "detected": True}
-                          for s in (0.01, 0.1)]
+        run["records"] = [records.point_record(s, records.verdict(3, 30, 0), 0.9, sigma=s) for s in (0.01, 0.1)]
     (tmp_path / "noise.json").write_text(json.dumps(noise))
     figs = tmp_path / "figs"
     plot_main(monkeypatch, "--results", tmp_path / "noise.json", trajectories["finetune"], "--figures-dir", figs,
