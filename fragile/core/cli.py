@@ -113,12 +113,11 @@ def header_layout(namespace):
     layout, group, last = [], None, None
     for line in sorted(set(comments) | set(assignments)):
         if line in assignments:
-            text = comments.get(line, (0, ""))[1] if line in comments and comments[line][0] > 0 else ""
-            last = [assignments[line], group, text]
+            last = [assignments[line], group, comments[line][1] if line in comments else ""]   # its trailing comment
             layout.append(last)
         elif comments[line][0] == 0:   # a comment line of its own: a section (the config rulers are not)
             text = comments[line][1]
-            group = None if set(text) <= set("- ") or text.startswith("-") else text
+            group = None if text.startswith("-") else text
             last = None
         elif last is not None:   # an indented comment line continues the help text above it
             last[2] = f"{last[2]} {comments[line][1]}".strip()

@@ -49,7 +49,7 @@ def poison_transform(p, gen, rank=0, world_size=1):
     return transform
 
 
-def measure(model, ctx, step, epoch, phase, poisoned, extra_metrics):
+def measure(model, ctx, phase, poisoned, extra_metrics, step, epoch):
     """One record of a trajectory: watermark state, clean accuracy, ASR when poisoning, and ``extra_metrics``
     (model -> {name: value}: the robust watermark's accuracy, a defended backdoor's success rate)."""
     state, clean_accuracy = ctx.probe.state(model), ctx.probe.clean_accuracy(model)
@@ -87,9 +87,9 @@ def fine_tune(model, ctx, seed, epochs, poisoned=False, extra_metrics=no_metrics
     transform = poison_transform(ctx.poison, poison_gen, dist.rank(), dist.world_size()) if poisoned else None
     steps_per_epoch = -(-len(data) // cfg.batch_size)
     early = set(cfg.early_steps)
-    point = (model, ctx, phase, poisoned, extra_metrics)   # what every measurement of this run shares
+    measured = (model, ctx, phase, poisoned, extra_metrics)   # what every measurement of this run shares
 
-    trajectory = [dist.on_main(measure_at, point, step_offset, 0.0)]
+    trajectory = [dist.on_main(measure, *measured, step_offset, 0.0)]
     first_detection = (0 if trajectory[0]["detected"] else None) if dist.is_main() else None
     # Until the first detection every step is verified: the other ranks learn whether it came (and so
     # whether to wait for the next one) from rank 0.
@@ -107,23 +107,18 @@ def fine_tune(model, ctx, seed, epochs, poisoned=False, extra_metrics=no_metrics
                 first_detection = step + step_offset
             undetected = dist.is_main() and first_detection is None
             if epoch == 0 and step in early and step < steps_per_epoch:
-                trajectory.append(dist.on_main(measure_at, point, step + step_offset, step / steps_per_epoch))
+                trajectory.append(dist.on_main(measure, *measured, step + step_offset, step / steps_per_epoch))
             train_mode(model, cfg.freeze_bn)
         if dist.any_across(not torch.isfinite(loss), ctx.device):
             ctx.log(f"loss became {loss.item()} at epoch {epoch + 1}: stopping this run")
             break
-        record = dist.on_main(measure_at, point, step + step_offset, float(epoch + 1))
+        record = dist.on_main(measure, *measured, step + step_offset, float(epoch + 1))
         trajectory.append(record)
         if dist.is_main():
             ctx.log(f"  {phase} epoch {epoch + 1}/{epochs}: match rate {record['match_rate']:.2f} "
                     f"({record['flipped']} flipped), clean acc {record['clean_accuracy']:.4f}"
                     + (f", ASR {record['attack_success_rate']:.3f}" if poisoned else ""))
     return (trajectory if dist.is_main() else []), first_detection
-
-
-def measure_at(point, step, epoch):
-    model, ctx, phase, poisoned, extra_metrics = point
-    return measure(model, ctx, step, epoch, phase, poisoned, extra_metrics)
 
 
 def run_finetune(ctx, params, seed, poisoned=False):
