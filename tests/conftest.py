@@ -5,8 +5,10 @@ tests/models); tests/scripts runs the scripts as a user runs them (subprocesses:
 are tested too) and is marked ``integration`` (``pytest -m integration`` / ``-m "not integration"``).
 """
 import dataclasses
+import fcntl
 import json
 import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -18,7 +20,8 @@ import torch
 TESTS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS)
 sys.path[:0] = [ROOT, TESTS]   # the suite, and this file as ``conftest`` from every test folder
-torch.set_num_threads(max(1, os.cpu_count() or 1))
+# every core, unless OMP_NUM_THREADS gives this process its share (scripts/test.sh does, per worker)
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 0) or max(1, os.cpu_count() or 1))
 
 FASHION_PACKAGE = "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"
 requires_fashion_mnist = pytest.mark.skipif(not os.path.exists(FASHION_PACKAGE),
@@ -63,34 +66,54 @@ def write_pickle_bomb(path, marker):
     torch.save({"format": "fragile-wm/1", "state_dict": {}, "meta": payload}, path)
 
 
+def built_once(tmp_path_factory, name, build):
+    """What ``build(folder)`` returns (JSON), built once for the whole run: xdist's workers share the folder above
+    their own temp folders, the first to ask builds there under a lock, the others read what it recorded. Why: each
+    worker would otherwise train and watermark its own copy of the same model (minutes of CI time)."""
+    own = tmp_path_factory.getbasetemp()
+    shared = own.parent if os.environ.get("PYTEST_XDIST_WORKER") else own
+    record = shared / f"{name}.json"
+    with open(shared / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)   # released when the file closes, also when a build fails
+        if not record.exists():
+            folder = shared / name
+            folder.mkdir(exist_ok=True)
+            record.write_text(json.dumps(build(folder)))
+    return json.loads(record.read_text())
+
+
 @pytest.fixture(scope="session")
 def watermarked(tmp_path_factory):
     """resnet8 trained on synthetic data, with 30 paper triggers and a seeded key.
 
     Returns a dict of paths: model, triggers (folder), key, root (the tmp folder).
     """
-    root = tmp_path_factory.mktemp("wm")
-    model = root / "resnet8_synthetic.pt"
-    run_script("train.py", "--dataset", "synthetic", "--arch", "resnet8", "--epochs", "3", "--device", "cpu", "--recipe", "fast",
-               "--out", model, "--no-progress")
-    run_script("generate_samples.py", "--model", model, "--num-triggers", 30, "--key-seed", 0, "--device", "cpu", "--recipe", "fast",
-               "--no-progress")
-    triggers, key = root / "resnet8_synthetic_triggers_paper", root / "resnet8_synthetic_key_paper.json"
-    return {"model": str(model), "triggers": str(triggers), "key": str(key), "root": root,
-            "key_labels": json.load(open(key))["labels"]}
+    def build(root):
+        model = root / "resnet8_synthetic.pt"
+        run_script("train.py", "--dataset", "synthetic", "--arch", "resnet8", "--epochs", "3", "--device", "cpu",
+                   "--recipe", "fast", "--out", model, "--no-progress")
+        run_script("generate_samples.py", "--model", model, "--num-triggers", 30, "--key-seed", 0, "--device", "cpu",
+                   "--recipe", "fast", "--no-progress")
+        triggers, key = root / "resnet8_synthetic_triggers_paper", root / "resnet8_synthetic_key_paper.json"
+        return {"model": str(model), "triggers": str(triggers), "key": str(key), "root": str(root),
+                "key_labels": json.load(open(key))["labels"]}
+    paths = built_once(tmp_path_factory, "wm", build)
+    return {**paths, "root": pathlib.Path(paths["root"])}
 
 
 @pytest.fixture(scope="session")
 def trajectories(watermarked, tmp_path_factory):
     """Clean fine-tuning with two seeds and poisoned fine-tuning with one, written by eval.py (100 samples in
     batches of 25: 4 steps an epoch, so early steps 1 and 2 fall inside the first epoch)."""
-    out = tmp_path_factory.mktemp("plot_results")
-    args = ("--epochs", 2, "--train-subset", 100, "--test-subset", 100, "--batch-size", 25, "--device", "cpu",
-            "--no-progress", "--results-dir", out, "--model", watermarked["model"])
-    run_script("eval.py", "--attack", "finetune", "--seeds", 0, 1, *args)
-    run_script("eval.py", "--attack", "poison", "--seeds", 0, *args)
-    paths = {attack: str(out / f"resnet8_synthetic_paper_{attack}.json") for attack in ("finetune", "poison")}
-    return {**paths, "dir": out, "loaded": {a: json.load(open(p)) for a, p in paths.items()}}
+    def build(out):
+        args = ("--epochs", 2, "--train-subset", 100, "--test-subset", 100, "--batch-size", 25, "--device", "cpu",
+                "--no-progress", "--results-dir", out, "--model", watermarked["model"])
+        run_script("eval.py", "--attack", "finetune", "--seeds", 0, 1, *args)
+        run_script("eval.py", "--attack", "poison", "--seeds", 0, *args)
+        return {attack: str(out / f"resnet8_synthetic_paper_{attack}.json") for attack in ("finetune", "poison")}
+    paths = built_once(tmp_path_factory, "plot_results", build)
+    return {**paths, "dir": pathlib.Path(paths["finetune"]).parent,
+            "loaded": {a: json.load(open(p)) for a, p in paths.items()}}
 
 
 # ----------------------------------------------------------------------------- parameters, built directly
@@ -117,18 +140,22 @@ def margin_params(surrogates=0, select_draws=8, **changes):
 
 
 @pytest.fixture(scope="session")
-def margin_set(watermarked):
+def margin_set(watermarked, tmp_path_factory):
     """A few margin triggers made in-process on the session model: the closest to the boundary any method gets
     (the band alone: no fine-tuned copies). (uint8 triggers, key, trigger metadata)."""
-    from fragile.core.data import get_spec, load_split
-    from fragile.core.io import load_classifier
-    from fragile.watermark import methods
-    model, _ = load_classifier(watermarked["model"])
-    spec = get_spec("synthetic")
-    key = torch.randint(0, spec.num_classes, (12,), generator=torch.Generator().manual_seed(5)).tolist()
-    job = methods.TriggerJob(model, spec, key, torch.device("cpu"), load_split(spec, "data", False))
-    triggers, info = methods.generate("margin", job, margin_params())
-    return triggers, key, info["meta"]
+    def build(folder):
+        from fragile.core.data import get_spec, load_split
+        from fragile.core.io import load_classifier
+        from fragile.watermark import methods
+        model, _ = load_classifier(watermarked["model"])
+        spec = get_spec("synthetic")
+        key = torch.randint(0, spec.num_classes, (12,), generator=torch.Generator().manual_seed(5)).tolist()
+        job = methods.TriggerJob(model, spec, key, torch.device("cpu"), load_split(spec, "data", False))
+        triggers, info = methods.generate("margin", job, margin_params())
+        torch.save(triggers, folder / "triggers.pt")
+        return {"triggers": str(folder / "triggers.pt"), "key": key, "meta": info["meta"]}
+    made = built_once(tmp_path_factory, "margin_set", build)
+    return torch.load(made["triggers"], weights_only=True), made["key"], made["meta"]
 
 
 def finetune_params(**changes):
@@ -171,18 +198,23 @@ def results_file(run, attack, model_path, num_triggers, method="paper", params=N
 def compare_results(watermarked, tmp_path_factory):
     """The comparison on the session's paper triggers, run in process with few trials and a small fine-tuning
     set, written as eval.py writes it. (path, results)."""
-    from fragile.core.io import load_classifier
-    from fragile.tamper.compare import CompareParams, run_comparison
-    from fragile.tamper.records import read_results, write_results
-    from fragile.watermark.paths import load_watermark, tensor_file
-    model, meta = load_classifier(watermarked["model"])
-    watermark = load_watermark(watermarked["triggers"])
-    ctx = eval_context(model, watermark.triggers, watermark.key, train_size=512, test_size=200,
-                       probe={"query_order": watermark.meta["query_order"]},
-                       deployment={"trigger_meta": watermark.meta, "tensor_file": tensor_file(watermark.triggers_path),
-                                   "model_meta": meta})
-    params = CompareParams(trials=3)
-    run, _ = run_comparison(ctx, params, seed=0)
-    path = str(tmp_path_factory.mktemp("compare") / "resnet8_synthetic_paper_compare.json")
-    write_results(results_file(run, "compare", watermarked["model"], len(watermark.key), params=params), path)
+    from fragile.tamper.records import read_results
+
+    def build(folder):
+        from fragile.core.io import load_classifier
+        from fragile.tamper.compare import CompareParams, run_comparison
+        from fragile.tamper.records import write_results
+        from fragile.watermark.paths import load_watermark, tensor_file
+        model, meta = load_classifier(watermarked["model"])
+        watermark = load_watermark(watermarked["triggers"])
+        ctx = eval_context(model, watermark.triggers, watermark.key, train_size=512, test_size=200,
+                           probe={"query_order": watermark.meta["query_order"]},
+                           deployment={"trigger_meta": watermark.meta,
+                                       "tensor_file": tensor_file(watermark.triggers_path), "model_meta": meta})
+        params = CompareParams(trials=3)
+        run, _ = run_comparison(ctx, params, seed=0)
+        path = str(folder / "resnet8_synthetic_paper_compare.json")
+        write_results(results_file(run, "compare", watermarked["model"], len(watermark.key), params=params), path)
+        return {"path": path}
+    path = built_once(tmp_path_factory, "compare", build)["path"]
     return path, read_results(path)

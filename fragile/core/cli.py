@@ -17,6 +17,7 @@ import ast
 import io
 import math
 import os
+import signal
 import sys
 import time
 import tokenize
@@ -210,20 +211,40 @@ def _report(message, error=None):
     print(line.splitlines()[0], file=sys.stderr, flush=True)
 
 
+_sigint_seen = []
+
+
+def _on_sigint(signum, frame):
+    _sigint_seen.append(signum)
+    raise KeyboardInterrupt
+
+
+def watch_for_ctrl_c():
+    """Python's own Ctrl-C handler, which also notes that Ctrl-C came. Why: a KeyboardInterrupt raised inside a
+    callback of torch's C++ (torch.save writing, torch.load reading) comes out as a RuntimeError, which must still
+    read as "interrupted", not as a bug. Where SIGINT is ignored (a background job) it stays ignored."""
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _on_sigint)
+
+
 def run_main(main, error_exit_code=2, interrupted=INTERRUPTED_NOTHING_SAVED):
     """Run a script's ``main``: user errors become one ``error:`` line and a non-zero exit.
     ``interrupted`` is what Ctrl-C tells the user: each script says what it kept and how to go on."""
+    watch_for_ctrl_c()
     try:
         code = main()
-    except UserError as e:
-        _report(e)
-        sys.exit(error_exit_code)
     except KeyboardInterrupt:
         _report(interrupted)
         sys.exit(130)
-    except Exception as e:  # an unexpected bug: still one line, with the full trace on demand
-        _report(f"{type(e).__name__}: {e} (set FRAGILE_DEBUG=1 for the traceback)", e)
-        if os.environ.get("FRAGILE_DEBUG"):
-            traceback.print_exc()
+    except Exception as e:
+        if _sigint_seen:   # the interrupt came out of torch's C++ as another error: Ctrl-C is the cause
+            _report(interrupted)
+            sys.exit(130)
+        if isinstance(e, UserError):
+            _report(e)
+        else:  # an unexpected bug: still one line, with the full trace on demand
+            _report(f"{type(e).__name__}: {e} (set FRAGILE_DEBUG=1 for the traceback)", e)
+            if os.environ.get("FRAGILE_DEBUG"):
+                traceback.print_exc()
         sys.exit(error_exit_code)
     sys.exit(code or 0)

@@ -1,5 +1,6 @@
 """Script headers as flags (grouped --help with each constant's comment), recipes over them, and the checks
 scripts run on their numbers."""
+import os
 import textwrap
 
 import pytest
@@ -78,6 +79,30 @@ def test_a_user_error_is_one_line_and_exit_2(capsys):
         run_main(main)
     assert exit_.value.code == 2 and capsys.readouterr().err == "error: bad input\n"
 
+
+
+def test_ctrl_c_inside_torch_save_reads_as_interrupted_not_as_a_bug(capsys):
+    """torch.save's C++ writer turns a KeyboardInterrupt raised in its write callback into a RuntimeError: the user
+    still gets the script's "interrupted" line and exit 130 (a bug would be exit 2)."""
+    import io
+    import signal
+    import torch
+    from fragile.core import cli
+
+    class CtrlCOnFirstWrite(io.BytesIO):
+        def write(self, data):
+            os.kill(os.getpid(), signal.SIGINT)
+            return super().write(data)
+
+    def main():
+        torch.save({"weights": torch.zeros(8)}, CtrlCOnFirstWrite())
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            run_main(main, interrupted="interrupted; kept what was there")
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        cli._sigint_seen.clear()
+    assert exit_.value.code == 130 and capsys.readouterr().err == "error: interrupted; kept what was there\n"
 
 @pytest.mark.parametrize("value, low, high, kwargs, ok", [
     (1, 1, float("inf"), {}, True), (0, 1, float("inf"), {}, False), (-1, 0, float("inf"), {}, False),
