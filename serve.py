@@ -2,13 +2,16 @@
 
     python serve.py --model checkpoints/resnet8_fashion-mnist.pt --http-port 8080
     python verify.py --url http://127.0.0.1:8080 --triggers checkpoints/resnet8_fashion-mnist_triggers_paper
+    python serve.py --runtime onnxruntime --onnx checkpoints/resnet8_fashion-mnist.onnx   # an export.py file
 
 POST /v2/models/<model-name>/infer with one input (N, C, H, W), UINT8 or FP32 in [0, 1]; the answer holds
 "labels" (INT64) and "logits" (FP32). Needs KServe: pip install -r requirements-serve.txt. The checkpoint
 is read with torch.load(weights_only=True), as everywhere in this suite.
 """
 # ----------------------------------------------------------------------------- config
-MODEL = ""                 # the checkpoint to serve (required)
+MODEL = ""                 # the checkpoint to serve (with --runtime torch)
+RUNTIME = "torch"          # torch (a checkpoint) | onnxruntime (an exported ONNX file, --onnx; needs requirements-deploy.txt)
+ONNX = ""                  # the ONNX file to serve with --runtime onnxruntime
 MODEL_NAME = "fragile-wm"  # served as /v2/models/<name>
 HOST = "127.0.0.1"         # the address to listen on: loopback by default; 0.0.0.0 serves every network (no authentication)
 HTTP_PORT = 8080
@@ -36,14 +39,35 @@ def check_host(host):
               flush=True)
 
 
+def torch_core():
+    """The checkpoint in torch: checked now (a missing, corrupt or unsafe checkpoint), loaded by the server."""
+    read_checkpoint(MODEL)
+    return lambda served: served.from_checkpoint(MODEL, PRECISION, DEVICE)
+
+
+def onnx_core():
+    """The ONNX file in ONNX Runtime on the CPU, read and checked now; its input shape and class count are its
+    graph's."""
+    from fragile.deploy.onnx_export import io_shapes, read_onnx
+    from fragile.deploy.runtimes import ort_session
+    from fragile.deploy.targets import onnx_predictor
+    proto, _ = read_onnx(ONNX)
+    input_shape, num_classes = io_shapes(proto)
+    predict = onnx_predictor(ort_session(ONNX))
+    return lambda served: served(predict, {"input_shape": input_shape, "num_classes": num_classes})
+
+
 def main():
-    apply_overrides(globals(), __doc__, choices={"PRECISION": ["fp32", "fp16", "bf16"]})
-    if not MODEL:
-        raise UserError("--model is required")
+    apply_overrides(globals(), __doc__, choices={"PRECISION": ["fp32", "fp16", "bf16"],
+                                                 "RUNTIME": ["torch", "onnxruntime"]})
+    if RUNTIME == "torch" and (not MODEL or ONNX):
+        raise UserError("--runtime torch serves a checkpoint: give --model (and no --onnx)")
+    if RUNTIME == "onnxruntime" and (not ONNX or MODEL or PRECISION != "fp32"):
+        raise UserError("--runtime onnxruntime serves an exported file: give --onnx (no --model; fp32 only)")
     if not 0 < HTTP_PORT < 65536:
         raise UserError(f"--http-port must be 1..65535, not {HTTP_PORT}")
     check_host(HOST)
-    read_checkpoint(MODEL)  # a missing, corrupt or unsafe checkpoint fails here, in one line
+    load_core = onnx_core() if ONNX else torch_core()   # a bad file fails here, in one line
     sys.argv = sys.argv[:1]  # KServe parses the command line when imported: it must not see these flags
     try:
         from fragile.watermark import serving
@@ -51,9 +75,9 @@ def main():
         if e.name and e.name.split(".")[0] == "kserve":
             raise UserError("serving needs KServe: pip install -r requirements-serve.txt") from None
         raise
-    print(f"serving {MODEL} as {MODEL_NAME!r} ({PRECISION}) on http://{HOST}:{HTTP_PORT}/v2/models/{MODEL_NAME}",
-          flush=True)
-    serving.serve(MODEL, MODEL_NAME, HOST, HTTP_PORT, PRECISION, DEVICE)
+    print(f"serving {MODEL or ONNX} as {MODEL_NAME!r} ({RUNTIME}, {PRECISION}) on "
+          f"http://{HOST}:{HTTP_PORT}/v2/models/{MODEL_NAME}", flush=True)
+    serving.serve(lambda: load_core(serving.ServedClassifier), MODEL_NAME, HOST, HTTP_PORT)
 
 
 if __name__ == "__main__":

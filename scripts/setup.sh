@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Set up what the suite needs, where it is missing (every step is skipped when already done):
 #   1. Debian's offline Fashion-MNIST (apt-get install dataset-fashion-mnist; sudo when not root);
-#   2. a virtual environment .venv with requirements.txt (and requirements-serve.txt with --serve), reinstalled
+#   2. a virtual environment .venv with requirements.txt (and requirements-serve.txt and requirements-deploy.txt
+#      with --serve), reinstalled
 #      only when a requirements file changes.
 # Needs only python3, apt and a network that reaches the package registries.
 #   scripts/setup.sh            # for make demo
-#   scripts/setup.sh --serve    # for make test: KServe and the Triton client as well
+#   scripts/setup.sh --serve    # for make test: KServe, the Triton client, ONNX Runtime and OpenVINO as well
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -46,7 +47,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 
 requirements=(requirements.txt)
-[ "$SERVE" = 1 ] && requirements+=(requirements-serve.txt)
+[ "$SERVE" = 1 ] && requirements+=(requirements-serve.txt requirements-deploy.txt)
 # One stamp per requirements file installed, named by the file's hash: an edited file is installed again.
 stamps=()
 for r in "${requirements[@]}"; do stamps+=("$VENV/.installed-$r-$(sha256sum < "$r" | cut -c1-16)"); done
@@ -61,6 +62,8 @@ if [ "$missing" = 1 ]; then
     if [ "$SERVE" = 1 ]; then
         "$VENV/bin/python" -c "import kserve, tritonclient.http" \
             || { echo "error: KServe or the Triton client did not install (requirements-serve.txt)" >&2; exit 1; }
+        "$VENV/bin/python" -c "import onnx, onnxruntime, openvino" \
+            || { echo "error: onnx, onnxruntime or openvino did not install (requirements-deploy.txt)" >&2; exit 1; }
     fi
     touch "${stamps[@]}"
 fi

@@ -9,8 +9,8 @@ import pytest
 from conftest import ROOT
 from fragile.core.cli import header_constants
 
-STAGES = ("core", "watermark", "tamper", "report")   # each may import only those before it
-SCRIPTS = ("train.py", "generate_samples.py", "eval.py", "verify.py", "plot.py", "bench.py", "serve.py")
+STAGES = ("core", "watermark", "deploy", "tamper", "report")   # each may import only those before it
+SCRIPTS = ("train.py", "generate_samples.py", "eval.py", "verify.py", "plot.py", "bench.py", "serve.py", "export.py")
 MAX_LINES = 350
 
 

@@ -4,7 +4,8 @@ This is the deployment ``verify.py --url`` checks: ``serve.py`` starts it. The r
 the suite's one safe way (``load_classifier`` -> ``torch.load(weights_only=True)``): a checkpoint carrying
 pickled code is refused, never run. Requests carry one input tensor (N, C, H, W), UINT8 8-bit images or
 FP32 images in [0, 1]; answers carry "labels" (INT64, N) and "logits" (FP32, N x classes). ``precision``
-fp16 / bf16 serves the same weights in half precision, a benign deployment change the envelope covers.
+fp16 / bf16 serves the same weights in half precision, a benign deployment change the envelope covers; serve.py
+can hand it another runtime's predictor instead (an exported ONNX file in ONNX Runtime).
 
 The server listens on loopback unless told otherwise (``host``), and KServe's model-repository endpoints
 (``/v2/repository/models/<name>/load`` and ``/unload``, which let anyone who reaches the port take the model
@@ -33,15 +34,21 @@ ACCEPTED_DATATYPES = ("UINT8", "FP32")
 
 
 class ServedClassifier:
-    """The framework-free core: checks a request's images and returns labels and logits."""
+    """The framework-free core: checks a request's images and returns labels and logits. ``predict`` is the
+    runtime's seam (uint8 or [0, 1] float images -> fp32 logits); ``meta`` names the input shape and class count."""
 
-    def __init__(self, path, precision="fp32", device="cpu"):
+    def __init__(self, predict, meta):
+        self.predict, self.meta = predict, meta
+
+    @classmethod
+    def from_checkpoint(cls, path, precision="fp32", device="cpu"):
+        """A checkpoint served by torch, in fp32 or cast to half precision."""
         if precision not in ("fp32", *PRECISIONS):
             raise ValueError(f"precision must be fp32, fp16 or bf16, not {precision!r}")
         model, meta = load_classifier(path, resolve_device(device))
-        self.model = CastModel(model, PRECISIONS[precision]) if precision != "fp32" else model
-        self.meta, self.precision = meta, precision
+        model = CastModel(model, PRECISIONS[precision]) if precision != "fp32" else model
         set_fast_math(False)  # fp32 means fp32: no TF32 on a GPU
+        return cls(lambda images: predict_logits(model, images, max(1, len(images))).cpu(), meta)
 
     def check(self, array, datatype):
         """One clear 400 for anything that is not a batch of this model's images."""
@@ -56,20 +63,20 @@ class ServedClassifier:
     def infer(self, array, datatype):
         self.check(array, datatype)
         images = torch.from_numpy(np.ascontiguousarray(array))
-        logits = predict_logits(self.model, images, max(1, len(images))).cpu()
+        logits = self.predict(images)
         return logits.argmax(1).numpy().astype(np.int64), logits.numpy().astype(np.float32)
 
 
 class FragileModel(Model):
     """The KServe model: v2 inference requests in, labels and logits out."""
 
-    def __init__(self, name, path, precision="fp32", device="cpu"):
+    def __init__(self, name, load_core):
         super().__init__(name)
-        self.path, self.precision, self.device = path, precision, device
+        self.load_core = load_core   # () -> ServedClassifier: the runtime's choice, made by serve.py
         self.core = None
 
     def load(self):
-        self.core = ServedClassifier(self.path, self.precision, self.device)
+        self.core = self.load_core()
         self.ready = True
         return self.ready
 
@@ -111,10 +118,11 @@ async def refuse_repository(request, call_next):
     return await call_next(request)
 
 
-def serve(path, name, host, http_port, precision="fp32", device="cpu"):
-    """Load the checkpoint and serve it on ``host``:``http_port`` until interrupted (REST only: no gRPC port).
-    KServe's own start always binds 0.0.0.0, so its REST server is built here with the host set."""
-    model = FragileModel(name, path, precision, device)
+def serve(load_core, name, host, http_port):
+    """Load the model (``load_core()``, a ServedClassifier) and serve it on ``host``:``http_port`` until
+    interrupted (REST only: no gRPC port). KServe's own start always binds 0.0.0.0, so its REST server is built
+    here with the host set."""
+    model = FragileModel(name, load_core)
     model.load()
     server = ModelServer(http_port=http_port, enable_grpc=False, workers=1)
     server.register_model(model)

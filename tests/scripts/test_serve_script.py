@@ -50,12 +50,13 @@ def wait_ready(url, name, proc, log):
 
 @contextlib.contextmanager
 def served(model_path, tmp_path, name="fragile-wm", precision="fp32", extra=()):
-    """serve.py in a subprocess on a free port; yields its base URL and stops it afterwards."""
+    """serve.py in a subprocess on a free port; yields its base URL and stops it afterwards. ``model_path`` None
+    serves what ``extra`` names (an ONNX file)."""
     port = free_port()
     log = str(tmp_path / f"serve-{port}.log")
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py"), "--model", str(model_path),
-                                 "--model-name", name, "--http-port", str(port), "--precision", precision, *extra],
+        proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py"),
+                                 *(["--model", str(model_path)] if model_path else []), "--model-name", name, "--http-port", str(port), "--precision", precision, *extra],
                                 cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": ROOT})
     url = f"http://127.0.0.1:{port}"
     try:
@@ -99,7 +100,7 @@ def assert_bad_requests_get_a_400(url):
 
 
 LOCAL_ONLY = {"weights_sha256", "hash_matches_triggers", "url", "model_name", "weights_hash",
-              "checkpoint_metadata_hash", "finite_outputs", "decided_by"}
+              "checkpoint_metadata_hash", "finite_outputs", "decided_by", "deployment"}
 
 
 def same_report(remote, local):
@@ -126,6 +127,19 @@ def test_served_model_verifies_intact_then_tampered_when_swapped(watermarked, tm
         local = verify_json("--model", tampered, "--triggers", wm["triggers"], "--key", wm["key"])[1]
         assert code == 1 and report["verdict"] == "tampered" and report["mismatches"], report
         assert same_report(report, local)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None and not os.environ.get("CI"),
+                    reason="ONNX Runtime is not installed here: pip install -r requirements-deploy.txt (CI installs it)")
+def test_an_exported_onnx_file_served_by_onnxruntime_verifies_as_the_checkpoint_does(watermarked, tmp_path):
+    from fragile.deploy.onnx_export import export_onnx
+    model, meta = load_classifier(watermarked["model"])
+    export_onnx(model, meta, str(tmp_path / "model.onnx"))
+    with served(None, tmp_path, extra=("--runtime", "onnxruntime", "--onnx", tmp_path / "model.onnx")) as url:
+        code, report = verify_json("--url", url, "--triggers", watermarked["triggers"], "--key", watermarked["key"],
+                                   "--input-datatype", "FP32", "--timeout", 60)
+        assert code == 0 and report["verdict"] == "intact" and report["matches"] == 30, report
+        assert same_report(report, verify_json("--model", watermarked["model"], "--triggers", watermarked["triggers"])[1])
 
 
 def test_half_precision_serving_verifies_intact_with_triggers_calibrated_for_it(watermarked, tmp_path):
