@@ -76,6 +76,14 @@ RESTORE_ATTACK_LR = 0.05          # ...at a learning rate high enough to fade a 
 RESTORE_EPOCHS = 1                # then brief training on the original training data
 RESTORE_LR = 1e-3
 RESTORE_RECOVERED = 0.9           # robust watermark counts as restored at >= this fraction of its accuracy before
+# ftal ftll fzll rtal rtll: BIVBench's fine-tuning family (fragile/tamper/layers.py; its CIFAR-10 epochs)
+FTAL_EPOCHS = 1                   # fine-tune all layers
+FTLL_EPOCHS = 1                   # fine-tune the last layer only
+FZLL_EPOCHS = 5                   # freeze the last layer, fine-tune the others
+RTAL_EPOCHS = 20                  # re-initialise the last layer, train all layers
+RTLL_EPOCHS = 20                  # re-initialise the last layer, train it alone
+LAYER_TUNE_BATCH_SIZE = 64        # every variant
+LAYER_TUNE_RETRAIN_LR = 1e-3      # rtal, rtll: Adam
 # benign matrix, an experiment (--attack benign; fragile/tamper/benign.py)
 BENIGN_BATCH_SIZES = [1, 16]       # compared with all triggers at once
 ENVELOPE = []                      # settings the matrix covers (fragile/watermark/jitter.py); empty: the triggers' own envelope
@@ -110,6 +118,7 @@ from fragile.tamper.compare import CompareParams
 from fragile.tamper.compression import QUANTIZERS, PruneParams, QuantizeParams
 from fragile.tamper.context import Deployment, EvalContext, FinetuneParams, PoisonParams, Probe
 from fragile.tamper.fine_prune import FinePruneParams
+from fragile.tamper.layers import VARIANTS, LayerTuneParams
 from fragile.tamper.obfuscate import ObfuscateParams
 from fragile.tamper.perturbation import BIT_CLASSES, BitflipParams, NoiseParams, SingleWeightParams
 from fragile.tamper.registry import DATA_PARALLEL, RUNNABLE, lookup
@@ -162,6 +171,10 @@ def attack_params(attack):
     if attack == "restore":
         return RestoreParams(attack_epochs=RESTORE_ATTACK_EPOCHS, attack_lr=RESTORE_ATTACK_LR, epochs=RESTORE_EPOCHS,
                              lr=RESTORE_LR, recovered=RESTORE_RECOVERED)
+    if attack in VARIANTS:
+        return LayerTuneParams(ftal_epochs=FTAL_EPOCHS, ftll_epochs=FTLL_EPOCHS, fzll_epochs=FZLL_EPOCHS,
+                               rtal_epochs=RTAL_EPOCHS, rtll_epochs=RTLL_EPOCHS, batch_size=LAYER_TUNE_BATCH_SIZE,
+                               retrain_lr=LAYER_TUNE_RETRAIN_LR)
     if attack == "benign":
         return benign_params()
     if attack == "compare":
@@ -228,6 +241,10 @@ def check_attack_settings(attack):
     elif attack == "restore":
         check_range("--restore-attack-epochs", RESTORE_ATTACK_EPOCHS, 0)
         check_range("--restore-epochs", RESTORE_EPOCHS, 0)
+    elif attack in VARIANTS:
+        check_range(f"--{attack}-epochs", getattr(attack_params(attack), f"{attack}_epochs"), 0)
+        check_positive_int("--layer-tune-batch-size", LAYER_TUNE_BATCH_SIZE)
+        check_range("--layer-tune-retrain-lr", LAYER_TUNE_RETRAIN_LR, 0, low_open=True)
     elif attack == "compare":
         check_range("--compare-finetune-epochs", COMPARE_FINETUNE_EPOCHS, 0)
         check_sweep("--compare-noise-sigmas", COMPARE_NOISE_SIGMAS, 0)

@@ -27,10 +27,11 @@ class FinePruneParams:
 
 
 def classifier_layer(model):
-    """The final linear layer. Its inputs are the last convolutional layer's channels, globally pooled."""
+    """The final linear layer (fine-prune: its inputs are the last convolutional layer's channels, globally pooled;
+    BIVBench's fine-tuning family: the layer it freezes or re-initialises)."""
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     if not linears:
-        raise UserError("fine-prune needs a model that ends in a linear classifier over pooled channels")
+        raise UserError("this attack needs a model that ends in a linear classifier (over pooled channels)")
     return linears[-1]
 
 

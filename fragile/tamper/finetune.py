@@ -65,11 +65,12 @@ def no_metrics(model):
 
 
 def fine_tune(model, ctx, seed, epochs, poisoned=False, extra_metrics=no_metrics, phase="finetune", step_offset=0,
-              data=None):
+              data=None, make_optimizer=None):
     """SGD fine-tuning of ``model`` in place with ``ctx.finetune``'s settings, recording the watermark step by
     step (``extra_metrics``: model -> {name: value}, measured at every record too); returns (records, first
-    detection step). Under torchrun the steps are data parallel (DDP) and every measurement runs on rank 0
-    while the others wait; the records and first detection are rank 0's (None on the other ranks)."""
+    detection step). Parameters with ``requires_grad`` off stay as they are; ``make_optimizer`` (model ->
+    optimizer) replaces the SGD. Under torchrun the steps are data parallel (DDP) and every measurement runs on
+    rank 0 while the others wait; the records and first detection are rank 0's (None on the other ranks)."""
     cfg = ctx.finetune
     seed_everything(seed)
     data = data or ctx.train
@@ -77,8 +78,9 @@ def fine_tune(model, ctx, seed, epochs, poisoned=False, extra_metrics=no_metrics
     gen.manual_seed(seed)
     poison_gen = torch.Generator(device=ctx.device)   # picks poisoned samples where the batch lives
     poison_gen.manual_seed(seed + 1)
-    optimizer = make_sgd(model, cfg.lr, cfg.momentum, cfg.weight_decay, kernels=sgd_kernels(cfg.fused_optimizer),
-                         decay_all=cfg.decay_all)
+    optimizer = make_optimizer(model) if make_optimizer else \
+        make_sgd(model, cfg.lr, cfg.momentum, cfg.weight_decay, kernels=sgd_kernels(cfg.fused_optimizer),
+                 decay_all=cfg.decay_all)
     scaler = grad_scaler(ctx.device, cfg.amp)   # fp16 autocast only: its loss scale carries across epochs
     if cfg.channels_last and ctx.device.type == "cuda":
         model.to(memory_format=torch.channels_last)

@@ -8,7 +8,7 @@ parameters with their defaults, its perturbation, its run) and one line here (do
 from collections import namedtuple
 
 from ..core.cli import UserError
-from . import benign, compare, compression, fine_prune, finetune, obfuscate, perturbation, restore
+from . import benign, compare, compression, fine_prune, finetune, layers, obfuscate, perturbation, restore
 
 Attack = namedtuple("Attack", "run params")
 
@@ -23,6 +23,7 @@ ATTACKS = {
     "prune": Attack(compression.run_prune, compression.PruneParams),
     "quantize": Attack(compression.run_quantize, compression.QuantizeParams),
     "restore": Attack(restore.run_restore, restore.RestoreParams),
+    **{variant: Attack(layers.runner(variant), layers.LayerTuneParams) for variant in layers.VARIANTS},
 }
 EXPERIMENTS = {   # they tamper with nothing themselves: they run attacks, or none, and measure
     "benign": Attack(benign.run_benign, benign.BenignParams),

@@ -177,3 +177,17 @@ def test_a_trigger_set_named_by_its_tensor_file_finds_its_key(watermarked, tmp_p
 def test_every_attack_is_a_choice_and_an_unknown_one_is_refused(watermarked):
     proc = run_script("eval.py", "--model", watermarked["model"], "--attack", "nope", check=False)
     assert proc.returncode == 2 and "invalid choice" in proc.stderr and "'compare'" in proc.stderr
+
+
+def test_a_layer_variant_runs_from_its_header_and_zero_epochs_is_no_change(watermarked, tmp_path):
+    """BIVBench's FTLL through eval.py: its epochs flag reaches the attack, 0 epochs is said and recorded as no
+    change, and a negative count is one error line before any work."""
+    args = ("--model", watermarked["model"], "--attack", "ftll", "--train-subset", 64, "--test-subset", 50,
+            "--device", "cpu", "--results-dir", tmp_path, "--no-progress")
+    proc = run_script("eval.py", *args, "--ftll-epochs", 0)
+    results = read_results(str(tmp_path / "resnet8_synthetic_paper_ftll.json"))
+    assert results["runs"][0]["model_changed"] is False and "recorded as no change" in proc.stdout + proc.stderr
+    assert results["settings"]["attack"]["ftll_epochs"] == 0
+    bad = run_script("eval.py", *args, "--ftll-epochs", -1, "--overwrite", check=False)
+    lines = bad.stderr.strip().splitlines()
+    assert bad.returncode == 2 and len(lines) == 1 and "--ftll-epochs" in lines[0], bad.stderr
