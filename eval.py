@@ -84,6 +84,12 @@ RTAL_EPOCHS = 20                  # re-initialise the last layer, train all laye
 RTLL_EPOCHS = 20                  # re-initialise the last layer, train it alone
 LAYER_TUNE_BATCH_SIZE = 64        # every variant
 LAYER_TUNE_RETRAIN_LR = 1e-3      # rtal, rtll: Adam
+# unlearn, online: one-sample updates (fragile/tamper/one_sample.py; BIVBench's data_remove scripts)
+UNLEARN_LR = 1e-4                 # Adam on minus the cross-entropy of one training image
+UNLEARN_MAX_STEPS = 4             # BIVBench's "hard to forget" break (0: no change)
+ONLINE_LR = 1e-4                  # weights -= lr x (g_clean + g_new projected off g_clean), per step
+ONLINE_BATCH_SIZE = 128           # clean training images per step
+ONLINE_MAX_STEPS = 0              # 0: at most one pass over the training data
 # benign matrix, an experiment (--attack benign; fragile/tamper/benign.py)
 BENIGN_BATCH_SIZES = [1, 16]       # compared with all triggers at once
 ENVELOPE = []                      # settings the matrix covers (fragile/watermark/jitter.py); empty: the triggers' own envelope
@@ -120,12 +126,13 @@ from fragile.tamper.context import Deployment, EvalContext, FinetuneParams, Pois
 from fragile.tamper.fine_prune import FinePruneParams
 from fragile.tamper.layers import VARIANTS, LayerTuneParams
 from fragile.tamper.obfuscate import ObfuscateParams
+from fragile.tamper.one_sample import OnlineParams, UnlearnParams
 from fragile.tamper.perturbation import BIT_CLASSES, BitflipParams, NoiseParams, SingleWeightParams
 from fragile.tamper.registry import DATA_PARALLEL, RUNNABLE, lookup
 from fragile.tamper.restore import RestoreParams
 from fragile.watermark.jitter import ENVELOPE_ENTRIES
 from fragile.watermark.paths import load_watermark, tensor_file, triggers_path
-from fragile.watermark.queries import check_compatible, check_tolerance, query_labels
+from fragile.watermark.queries import check_compatible, check_made_for, check_tolerance
 from models import ARCHS
 
 
@@ -175,6 +182,10 @@ def attack_params(attack):
         return LayerTuneParams(ftal_epochs=FTAL_EPOCHS, ftll_epochs=FTLL_EPOCHS, fzll_epochs=FZLL_EPOCHS,
                                rtal_epochs=RTAL_EPOCHS, rtll_epochs=RTLL_EPOCHS, batch_size=LAYER_TUNE_BATCH_SIZE,
                                retrain_lr=LAYER_TUNE_RETRAIN_LR)
+    if attack == "unlearn":
+        return UnlearnParams(lr=UNLEARN_LR, max_steps=UNLEARN_MAX_STEPS)
+    if attack == "online":
+        return OnlineParams(lr=ONLINE_LR, batch_size=ONLINE_BATCH_SIZE, max_steps=ONLINE_MAX_STEPS)
     if attack == "benign":
         return benign_params()
     if attack == "compare":
@@ -245,6 +256,13 @@ def check_attack_settings(attack):
         check_range(f"--{attack}-epochs", getattr(attack_params(attack), f"{attack}_epochs"), 0)
         check_positive_int("--layer-tune-batch-size", LAYER_TUNE_BATCH_SIZE)
         check_range("--layer-tune-retrain-lr", LAYER_TUNE_RETRAIN_LR, 0, low_open=True)
+    elif attack == "unlearn":
+        check_range("--unlearn-lr", UNLEARN_LR, 0)
+        check_range("--unlearn-max-steps", UNLEARN_MAX_STEPS, 0)
+    elif attack == "online":
+        check_range("--online-lr", ONLINE_LR, 0)
+        check_positive_int("--online-batch-size", ONLINE_BATCH_SIZE)
+        check_range("--online-max-steps", ONLINE_MAX_STEPS, 0)
     elif attack == "compare":
         check_range("--compare-finetune-epochs", COMPARE_FINETUNE_EPOCHS, 0)
         check_sweep("--compare-noise-sigmas", COMPARE_NOISE_SIGMAS, 0)
@@ -258,21 +276,6 @@ def check_outputs():
     if SAVE_TAMPERED:
         check_writable(SAVE_TAMPERED, "--save-tampered")
         refuse_existing(SAVE_TAMPERED, OVERWRITE, "checkpoint", "--save-tampered")
-
-
-def check_made_for(model, model_meta, watermark, device):
-    """The triggers must be this model's: the weights hash they were made for is the one computed from the weights
-    loaded, and the untouched model labels every trigger as the key does. Otherwise every attack would report a
-    detection that was there before it started."""
-    bound = watermark.meta.get("weights_sha256")
-    if bound and bound != model_meta["weights_sha256"]:
-        raise UserError(f"the triggers {watermark.triggers_path} were made for weights {bound[:16]}…, not this "
-                        f"model's {model_meta['weights_sha256'][:16]}…: pass --model the watermarked checkpoint, or "
-                        f"--triggers/--method the set made for this one")
-    off = int((query_labels(model, watermark.triggers.to(device)) != torch.tensor(watermark.key)).sum())
-    if off:
-        raise UserError(f"the untouched model already disagrees with the key on {off} of {len(watermark.key)} "
-                        f"triggers: these triggers were not made for it")
 
 
 # ----------------------------------------------------------------------------- the run

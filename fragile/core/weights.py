@@ -50,6 +50,12 @@ def count_changed(model, reference):
     return int((a.view(torch.int32) != b.view(torch.int32)).sum()) if a.dtype == torch.float32 else int((a != b).sum())
 
 
+def state_changed(model, reference):
+    """Whether anything in the state (weights and buffers such as batch-norm statistics) differs, bit for bit:
+    recomputed, so that a tampering that changed nothing is recorded as no change."""
+    return any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))
+
+
 @torch.no_grad()
 def add_gaussian_noise(tensors, sigma, gen):
     """Gaussian noise of standard deviation ``sigma`` added to each tensor in place, drawn tensor by tensor from

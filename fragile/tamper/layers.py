@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from ..core.devices import seed_everything
+from ..core.weights import state_changed
 from . import records
 from .fine_prune import classifier_layer
 from .finetune import fine_tune
@@ -58,10 +59,6 @@ def prepare(model, variant, seed):
         head.reset_parameters()
 
 
-def weights_changed(before, after):
-    return any(not torch.equal(a, b) for a, b in zip(before.state_dict().values(), after.state_dict().values()))
-
-
 def run_variant(variant, ctx, p, seed):
     """Prepare a copy as ``variant`` does, fine-tune it (recording the watermark step by step), and record whether
     its weights changed at all."""
@@ -73,7 +70,7 @@ def run_variant(variant, ctx, p, seed):
         if reinit else None
     trajectory, first = fine_tune(model, ctx.with_finetune(batch_size=p.batch_size), seed, epochs,
                                   extra_metrics=ctx.probe.extra_metrics, phase=variant, make_optimizer=adam)
-    changed = weights_changed(ctx.model, model)
+    changed = state_changed(model, ctx.model)
     if not changed:
         ctx.log(f"  {variant} with {epochs} epochs leaves the weights unchanged: recorded as no change, not as a miss")
     return records.run_record(seed, trajectory, first_detection_step=first, model_changed=changed), model

@@ -8,7 +8,8 @@ parameters with their defaults, its perturbation, its run) and one line here (do
 from collections import namedtuple
 
 from ..core.cli import UserError
-from . import benign, compare, compression, fine_prune, finetune, layers, obfuscate, perturbation, restore
+from . import (benign, compare, compression, fine_prune, finetune, layers, obfuscate, one_sample, perturbation,
+               restore)
 
 Attack = namedtuple("Attack", "run params")
 
@@ -24,6 +25,8 @@ ATTACKS = {
     "quantize": Attack(compression.run_quantize, compression.QuantizeParams),
     "restore": Attack(restore.run_restore, restore.RestoreParams),
     **{variant: Attack(layers.runner(variant), layers.LayerTuneParams) for variant in layers.VARIANTS},
+    "unlearn": Attack(one_sample.run_unlearn, one_sample.UnlearnParams),
+    "online": Attack(one_sample.run_online, one_sample.OnlineParams),
 }
 EXPERIMENTS = {   # they tamper with nothing themselves: they run attacks, or none, and measure
     "benign": Attack(benign.run_benign, benign.BenignParams),

@@ -106,3 +106,18 @@ def compare(returned, key, num_classes, max_mismatches=0, order=None):
             "p_value": chance_p_value(matches, len(key), num_classes),
             "queries_to_first_mismatch": (queries_to_detection([r != k for r, k in zip(returned, key)], order)
                                           if order else None)}
+
+
+def check_made_for(model, model_meta, watermark, device):
+    """The triggers must be this model's: the weights hash they were made for is the one computed from the weights
+    loaded, and the untouched model labels every trigger as the key does. Otherwise every attack on it (eval.py)
+    would report a detection that was there before it started."""
+    bound = watermark.meta.get("weights_sha256")
+    if bound and bound != model_meta["weights_sha256"]:
+        raise UserError(f"the triggers {watermark.triggers_path} were made for weights {bound[:16]}…, not this "
+                        f"model's {model_meta['weights_sha256'][:16]}…: pass --model the watermarked checkpoint, or "
+                        f"--triggers/--method the set made for this one")
+    off = int((query_labels(model, watermark.triggers.to(device)) != torch.tensor(watermark.key)).sum())
+    if off:
+        raise UserError(f"the untouched model already disagrees with the key on {off} of {len(watermark.key)} "
+                        f"triggers: these triggers were not made for it")
