@@ -12,7 +12,7 @@ PNGs) and accepted only if the PNGs, read back, are all labelled as the key. The
 DATASET = "cifar10"
 ARCH = "resnet18"
 MODEL = ""                 # checkpoint; default checkpoints/<arch>_<dataset>.pt, as train.py writes it
-METHOD = "paper"           # paper | random | natural | ftg | margin
+METHOD = "paper"           # paper | random | natural | ftg | ibsf | margin (fragile/watermark/methods/__init__.py)
 NUM_TRIGGERS = 100
 KEY_SEED = -1              # -1: key from the OS's secure random source; >=0: reproducible key
 OUT = ""                   # trigger folder; default <checkpoint stem>_triggers_<method>
@@ -37,6 +37,11 @@ CONTROL_SEED = 0           # which noise / test images the controls, ftg and mar
 # ftg
 FTG_STEPS = 1000           # signed-gradient steps minimising the softmax variance
 FTG_STEP_SIZE = 0.25 / 255 # per step, in [0, 1] pixel units (straight-through 8-bit rounding)
+# ibsf: IBSF, ICML 2024 (fragile/watermark/methods/ibsf.py); the values of its code
+IBSF_K = 2                 # top-k softmax classes whose Shannon entropy is maximised (2..classes)
+IBSF_STEPS = 5000          # SGD iterations
+IBSF_LR = 1.0              # SGD learning rate, pixels in [0, 1]
+IBSF_EPS = 1.0             # L2 radius around the natural start, pixels in [0, 1]
 # margin (fragile/watermark/methods/margin.py)
 MARGIN_START = "natural"   # natural | noise | paper
 MARGIN_SAFETY = 10.0       # delta = this x the largest benign logit jitter measured
@@ -77,6 +82,7 @@ from fragile.watermark.keys import key_payload, key_sha256, make_key
 from fragile.watermark.methods.controls import ControlParams
 from fragile.watermark.methods.fragility import FragilityParams, fragility_order
 from fragile.watermark.methods.ftg import FTGParams
+from fragile.watermark.methods.ibsf import IBSFParams
 from fragile.watermark.methods.margin import MarginParams
 from fragile.watermark.methods.paper import RECIPES, PaperParams
 from fragile.watermark.methods.surrogates import SurrogateParams
@@ -100,6 +106,10 @@ def check_settings():
     check_range("--gen-channels", GEN_CHANNELS, 1)
     check_range("--ftg-steps", FTG_STEPS, 1)
     check_range("--ftg-step-size", FTG_STEP_SIZE, 0, low_open=True)
+    check_range("--ibsf-k", IBSF_K, 2)
+    check_range("--ibsf-steps", IBSF_STEPS, 0)
+    check_range("--ibsf-lr", IBSF_LR, 0, low_open=True)
+    check_range("--ibsf-eps", IBSF_EPS, 0, low_open=True)
     check_range("--margin-safety", MARGIN_SAFETY, 0, low_open=True)
     check_range("--margin-band", MARGIN_BAND, 1)
     check_range("--margin-steps", MARGIN_STEPS, 0)
@@ -125,6 +135,11 @@ def ftg_params():
     return FTGParams(steps=FTG_STEPS, step_size=FTG_STEP_SIZE, control_seed=CONTROL_SEED, envelope=ENVELOPE)
 
 
+def ibsf_params():
+    return IBSFParams(k=IBSF_K, steps=IBSF_STEPS, lr=IBSF_LR, eps=IBSF_EPS, control_seed=CONTROL_SEED,
+                      envelope=ENVELOPE)
+
+
 def fragility_params():
     """The weight noise that ranks every method's triggers for the query order (and margin's candidates)."""
     return FragilityParams(noise_sigma=MARGIN_NOISE_SIGMA, select_draws=MARGIN_SELECT_DRAWS)
@@ -147,7 +162,7 @@ def margin_params():
 def method_params(method):
     """``method``'s parameters (a ``methods.METHODS[method].params`` object) from the header; natural has none."""
     return {"paper": paper_params, "random": control_params, "natural": lambda: None, "ftg": ftg_params,
-            "margin": margin_params}[method]()
+            "ibsf": ibsf_params, "margin": margin_params}[method]()
 
 
 def output_paths(model_path):

@@ -1,0 +1,75 @@
+"""The rival methods (ibsf, ssf, aid), in process on the session's resnet8: what each returns, that it is on its
+key after 8-bit export, within its ball, that its own objective improved, and the one-line errors."""
+import pytest
+import torch
+
+from fragile.core.cli import UserError
+from fragile.core.data import get_spec, load_split, to_float
+from fragile.core.io import load_classifier
+from fragile.core.training import predict_logits
+from fragile.watermark import methods
+from fragile.watermark.methods import common, ibsf
+from fragile.watermark.methods.common import grid_in_ball, l2_distance
+from fragile.watermark.queries import query_labels
+
+SPEC = get_spec("synthetic")
+CPU = torch.device("cpu")
+KEY = [0, 1, 2, 3]
+
+
+@pytest.fixture(scope="module")
+def model(watermarked):
+    return load_classifier(watermarked["model"])[0]
+
+
+@pytest.fixture(scope="module")
+def test_split():
+    return load_split(SPEC, "data", False)
+
+
+def job(model, test_split, key=KEY):
+    return methods.TriggerJob(model, SPEC, list(key), CPU, test_split, log=lambda *_: None)
+
+
+def assert_on_key_in_ball(model, triggers, starts, key, radius):
+    assert triggers.dtype == torch.uint8 and triggers.shape == (len(key), *SPEC.shape)
+    assert query_labels(model, triggers).tolist() == key
+    assert (l2_distance(to_float(triggers), to_float(starts)) <= radius + 1e-9).all()
+
+
+def test_grid_in_ball_rounds_onto_the_grid_inside_the_ball():
+    start = torch.randint(0, 256, (3, 3, 8, 8)).float().div(255)
+    x = (start + torch.randn_like(start)).clamp(0, 1)
+    image = grid_in_ball(x, start, 0.3)
+    assert torch.allclose(image.mul(255), image.mul(255).round(), atol=1e-3)   # straight-through: grid + x - x
+    assert (l2_distance(image, start) <= 0.3 + 1e-6).all() and (l2_distance(image, start) > 0.2).all()
+
+
+@pytest.fixture(scope="module")
+def ibsf_set(model, test_split):
+    p = ibsf.IBSFParams(steps=40, lr=1.0, eps=1.0)
+    return methods.generate("ibsf", job(model, test_split), p)
+
+
+def test_ibsf_triggers_are_on_key_in_the_ball_with_higher_topk_entropy(model, ibsf_set):
+    triggers, info = ibsf_set
+    starts = info["start_images"]
+    assert_on_key_in_ball(model, triggers, starts, KEY, 1.0)
+    before = ibsf.topk_entropy(predict_logits(model, starts), 2)
+    after = ibsf.topk_entropy(predict_logits(model, triggers), 2)
+    assert (after >= before).all() and after.mean() > before.mean() + 0.05
+    assert info["meta"]["topk_entropy_mean"] == pytest.approx(after.mean().item(), rel=1e-4)
+
+
+def test_ibsf_refuses_a_bad_k_and_a_floor_no_trigger_clears(model, test_split, monkeypatch):
+    with pytest.raises(UserError, match="--ibsf-k"):
+        methods.generate("ibsf", job(model, test_split), ibsf.IBSFParams(k=1, steps=0))
+    monkeypatch.setattr(ibsf, "label_floor", lambda *a: ({}, 1e9))   # no margin clears it
+    with pytest.raises(UserError, match="0 of 4 triggers"):
+        methods.generate("ibsf", job(model, test_split), ibsf.IBSFParams(steps=1))
+
+
+def test_require_all_names_the_count_and_the_flag():
+    common.require_all(torch.tensor([True, True]), "x", "y")
+    with pytest.raises(UserError, match="1 of 2 triggers are short: raise --z"):
+        common.require_all(torch.tensor([True, False]), "are short", "raise --z")
