@@ -12,7 +12,7 @@ PNGs) and accepted only if the PNGs, read back, are all labelled as the key. The
 DATASET = "cifar10"
 ARCH = "resnet18"
 MODEL = ""                 # checkpoint; default checkpoints/<arch>_<dataset>.pt, as train.py writes it
-METHOD = "paper"           # paper | random | natural | ftg | ibsf | margin (fragile/watermark/methods/__init__.py)
+METHOD = "paper"           # paper | random | natural | ftg | ibsf | ssf | margin (fragile/watermark/methods/__init__.py)
 NUM_TRIGGERS = 100
 KEY_SEED = -1              # -1: key from the OS's secure random source; >=0: reproducible key
 OUT = ""                   # trigger folder; default <checkpoint stem>_triggers_<method>
@@ -42,6 +42,11 @@ IBSF_K = 2                 # top-k softmax classes whose Shannon entropy is maxi
 IBSF_STEPS = 5000          # SGD iterations
 IBSF_LR = 1.0              # SGD learning rate, pixels in [0, 1]
 IBSF_EPS = 1.0             # L2 radius around the natural start, pixels in [0, 1]
+# ssf: Sensitive-Sample Fingerprinting, CVPR 2019 (fragile/watermark/methods/ssf.py); the values of its code
+SSF_STEPS = 1000           # Adam iterations maximising the squared gradient norm of the top logit
+SSF_LR = 0.1               # Adam learning rate, in grey levels (0..255 pixels, as its code)
+SSF_EPS = 1.0              # L2 radius per pixel in grey levels: eps x sqrt(C x H x W) around the natural start
+SSF_POOL = 10              # candidates per trigger; Maximum Active Neuron Cover picks one of them
 # margin (fragile/watermark/methods/margin.py)
 MARGIN_START = "natural"   # natural | noise | paper
 MARGIN_SAFETY = 10.0       # delta = this x the largest benign logit jitter measured
@@ -85,6 +90,7 @@ from fragile.watermark.methods.ftg import FTGParams
 from fragile.watermark.methods.ibsf import IBSFParams
 from fragile.watermark.methods.margin import MarginParams
 from fragile.watermark.methods.paper import RECIPES, PaperParams
+from fragile.watermark.methods.ssf import SSFParams
 from fragile.watermark.methods.surrogates import SurrogateParams
 from fragile.watermark.paths import STAGED, default_paths, finish_interrupted_swap, save_watermark
 from fragile.watermark.trigger_io import MAX_TRIGGERS, load_triggers, trigger_meta
@@ -110,6 +116,10 @@ def check_settings():
     check_range("--ibsf-steps", IBSF_STEPS, 0)
     check_range("--ibsf-lr", IBSF_LR, 0, low_open=True)
     check_range("--ibsf-eps", IBSF_EPS, 0, low_open=True)
+    check_range("--ssf-steps", SSF_STEPS, 0)
+    check_range("--ssf-lr", SSF_LR, 0, low_open=True)
+    check_range("--ssf-eps", SSF_EPS, 0, low_open=True)
+    check_range("--ssf-pool", SSF_POOL, 1)
     check_range("--margin-safety", MARGIN_SAFETY, 0, low_open=True)
     check_range("--margin-band", MARGIN_BAND, 1)
     check_range("--margin-steps", MARGIN_STEPS, 0)
@@ -140,6 +150,11 @@ def ibsf_params():
                       envelope=ENVELOPE)
 
 
+def ssf_params():
+    return SSFParams(steps=SSF_STEPS, lr=SSF_LR, eps=SSF_EPS, pool=SSF_POOL, control_seed=CONTROL_SEED,
+                     envelope=ENVELOPE)
+
+
 def fragility_params():
     """The weight noise that ranks every method's triggers for the query order (and margin's candidates)."""
     return FragilityParams(noise_sigma=MARGIN_NOISE_SIGMA, select_draws=MARGIN_SELECT_DRAWS)
@@ -162,7 +177,8 @@ def margin_params():
 def method_params(method):
     """``method``'s parameters (a ``methods.METHODS[method].params`` object) from the header; natural has none."""
     return {"paper": paper_params, "random": control_params, "natural": lambda: None, "ftg": ftg_params,
-            "ibsf": ibsf_params, "margin": margin_params}[method]()
+            "ibsf": ibsf_params, "ssf": ssf_params,
+            "margin": margin_params}[method]()
 
 
 def output_paths(model_path):

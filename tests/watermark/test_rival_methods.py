@@ -8,7 +8,7 @@ from fragile.core.data import get_spec, load_split, to_float
 from fragile.core.io import load_classifier
 from fragile.core.training import predict_logits
 from fragile.watermark import methods
-from fragile.watermark.methods import common, ibsf
+from fragile.watermark.methods import common, ibsf, ssf
 from fragile.watermark.methods.common import grid_in_ball, l2_distance
 from fragile.watermark.queries import query_labels
 
@@ -73,3 +73,50 @@ def test_require_all_names_the_count_and_the_flag():
     common.require_all(torch.tensor([True, True]), "x", "y")
     with pytest.raises(UserError, match="1 of 2 triggers are short: raise --z"):
         common.require_all(torch.tensor([True, False]), "are short", "raise --z")
+
+
+@pytest.fixture(scope="module")
+def ssf_set(model, test_split):
+    return methods.generate("ssf", job(model, test_split), ssf.SSFParams(steps=15, lr=0.1, eps=1.0, pool=3))
+
+
+def test_ssf_gradient_norm_is_the_autograd_one(model, test_split):
+    weight = ssf.last_linear(model).weight.requires_grad_(True)   # the methods freeze the model
+    logits, features = ssf.logits_and_features(model, to_float(test_split.images[:1]))
+    grad, = torch.autograd.grad(logits[0].max(), weight)
+    weight.requires_grad_(False)
+    assert ssf.top_gradient_norm(features).item() == pytest.approx(grad.pow(2).sum().item(), rel=1e-5)
+
+
+def test_ssf_triggers_are_on_key_in_the_ball_with_a_larger_gradient_norm(model, ssf_set):
+    triggers, info = ssf_set
+    starts = info["start_images"]
+    assert_on_key_in_ball(model, triggers, starts, KEY, ssf.ball_radius(ssf.SSFParams(eps=1.0), SPEC.shape))
+    assert not torch.equal(triggers, starts)
+    with torch.no_grad():
+        before = ssf.top_gradient_norm(ssf.logits_and_features(model, to_float(starts))[1])
+        after = ssf.top_gradient_norm(ssf.logits_and_features(model, to_float(triggers))[1])
+    assert (after >= before).all() and (after > before).any()
+
+
+def test_ssf_picks_one_candidate_per_key_entry_from_its_pool(ssf_set):
+    triggers, info = ssf_set
+    chosen = info["chosen"]
+    assert len(info["candidates"]) == 3 * len(KEY) and (chosen // 3).tolist() == list(range(len(KEY)))
+    assert torch.equal(triggers, info["candidates"][chosen])
+
+
+def test_manc_greedily_maximises_the_union_of_active_neurons():
+    active = torch.tensor([[1, 1, 1, 0, 0, 0],    # slot 0: the largest alone
+                           [1, 1, 0, 0, 0, 0],    # slot 0
+                           [1, 1, 1, 0, 0, 0],    # slot 1: adds nothing to candidate 0
+                           [0, 0, 0, 1, 1, 0],    # slot 1: adds two
+                           [0, 0, 0, 0, 0, 1]], dtype=torch.bool)   # slot 1, unusable
+    slot, usable = torch.tensor([0, 0, 1, 1, 1]), torch.tensor([True, True, True, True, False])
+    assert ssf.manc(active, slot, usable).tolist() == [0, 3]
+
+
+def test_ssf_refuses_a_floor_no_candidate_clears(model, test_split, monkeypatch):
+    monkeypatch.setattr(ssf, "label_floor", lambda *a: ({}, 1e9))
+    with pytest.raises(UserError, match="0 of 4 triggers have a candidate .*--ssf-pool"):
+        methods.generate("ssf", job(model, test_split), ssf.SSFParams(steps=0, pool=1))
