@@ -8,7 +8,7 @@ from fragile.core.data import get_spec, load_split, to_float
 from fragile.core.io import load_classifier
 from fragile.core.training import predict_logits
 from fragile.watermark import methods
-from fragile.watermark.methods import common, ibsf, ssf
+from fragile.watermark.methods import aid, common, ibsf, ssf
 from fragile.watermark.methods.common import grid_in_ball, l2_distance
 from fragile.watermark.queries import query_labels
 
@@ -120,3 +120,24 @@ def test_ssf_refuses_a_floor_no_candidate_clears(model, test_split, monkeypatch)
     monkeypatch.setattr(ssf, "label_floor", lambda *a: ({}, 1e9))
     with pytest.raises(UserError, match="0 of 4 triggers have a candidate .*--ssf-pool"):
         methods.generate("ssf", job(model, test_split), ssf.SSFParams(steps=0, pool=1))
+
+
+def test_aid_edge_points_meet_closer_with_the_key_their_own_labels(model):
+    key = [0] * 4
+    triggers, info = methods.generate("aid", methods.TriggerJob(model, SPEC, key, CPU, log=lambda *_: None),
+                                      aid.AIDParams(steps=30, lr=3e-2))
+    assert triggers.dtype == torch.uint8 and triggers.shape == (4, *SPEC.shape)
+    assert query_labels(model, triggers).tolist() == key and info["meta"]["key_source"]   # rewritten in place
+    with torch.no_grad():
+        before = aid.edge_loss(model, to_float(info["start_images"]))[0]
+        after = aid.edge_loss(model, to_float(triggers))[0]
+        spread = aid.logit_spread(predict_logits(model, triggers)), aid.logit_spread(predict_logits(model, info["start_images"]))
+    assert (after <= before).all() and after.mean() < 0.9 * before.mean() and spread[0].mean() < spread[1].mean()
+
+
+def test_aid_step_size_follows_the_codes_schedule_and_refuses_an_unreachable_floor(model, monkeypatch):
+    p = aid.AIDParams(steps=15000, lr=1e-4)
+    assert [aid.step_size(p, s) for s in (0, 4999, 5000, 9999, 10000, 14999)] == [1e-4, 1e-4, 5e-5, 5e-5, 2.5e-5, 2.5e-5]
+    monkeypatch.setattr(aid, "label_floor", lambda *a: ({}, 1e9))
+    with pytest.raises(UserError, match="0 of 2 triggers kept a label"):
+        methods.generate("aid", methods.TriggerJob(model, SPEC, [0, 0], CPU), aid.AIDParams(steps=0))
