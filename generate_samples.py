@@ -12,7 +12,7 @@ PNGs) and accepted only if the PNGs, read back, are all labelled as the key. The
 DATASET = "cifar10"
 ARCH = "resnet18"
 MODEL = ""                 # checkpoint; default checkpoints/<arch>_<dataset>.pt, as train.py writes it
-METHOD = "paper"           # paper | random | natural | ftg | ibsf | ssf | aid | margin (fragile/watermark/methods/__init__.py)
+METHOD = "paper"           # paper | random | natural | ftg | ibsf | ssf | aid | margin (methods/__init__.py)
 NUM_TRIGGERS = 100
 KEY_SEED = -1              # -1: key from the OS's secure random source; >=0: reproducible key
 OUT = ""                   # trigger folder; default <checkpoint stem>_triggers_<method>

@@ -131,13 +131,15 @@ def test_aid_edge_points_meet_closer_with_the_key_their_own_labels(model):
     with torch.no_grad():
         before = aid.edge_loss(model, to_float(info["start_images"]))[0]
         after = aid.edge_loss(model, to_float(triggers))[0]
-        spread = aid.logit_spread(predict_logits(model, triggers)), aid.logit_spread(predict_logits(model, info["start_images"]))
-    assert (after <= before).all() and after.mean() < 0.9 * before.mean() and spread[0].mean() < spread[1].mean()
+    spread_before = aid.logit_spread(predict_logits(model, info["start_images"]))
+    spread_after = aid.logit_spread(predict_logits(model, triggers))
+    assert (after <= before).all() and after.mean() < 0.9 * before.mean() and spread_after.mean() < spread_before.mean()
 
 
 def test_aid_step_size_follows_the_codes_schedule_and_refuses_an_unreachable_floor(model, monkeypatch):
     p = aid.AIDParams(steps=15000, lr=1e-4)
-    assert [aid.step_size(p, s) for s in (0, 4999, 5000, 9999, 10000, 14999)] == [1e-4, 1e-4, 5e-5, 5e-5, 2.5e-5, 2.5e-5]
+    steps = (0, 4999, 5000, 9999, 10000, 14999)
+    assert [aid.step_size(p, s) for s in steps] == [1e-4, 1e-4, 5e-5, 5e-5, 2.5e-5, 2.5e-5]
     monkeypatch.setattr(aid, "label_floor", lambda *a: ({}, 1e9))
     with pytest.raises(UserError, match="0 of 2 triggers kept a label"):
         methods.generate("aid", methods.TriggerJob(model, SPEC, [0, 0], CPU), aid.AIDParams(steps=0))
