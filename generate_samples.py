@@ -12,7 +12,7 @@ PNGs) and accepted only if the PNGs, read back, are all labelled as the key. The
 DATASET = "cifar10"
 ARCH = "resnet18"
 MODEL = ""                 # checkpoint; default checkpoints/<arch>_<dataset>.pt, as train.py writes it
-METHOD = "paper"           # paper | random | natural | ftg | margin
+METHOD = "paper"           # paper | random | natural | ftg | ibsf | ssf | aid | margin (methods/__init__.py)
 NUM_TRIGGERS = 100
 KEY_SEED = -1              # -1: key from the OS's secure random source; >=0: reproducible key
 OUT = ""                   # trigger folder; default <checkpoint stem>_triggers_<method>
@@ -32,11 +32,24 @@ LR = 1e-4                  # (recipe) Adam
 BETA1 = 0.5
 BETA2 = 0.999
 MAX_STEPS = 2000           # step cap; generation stops as soon as every 8-bit trigger carries its key label
-# controls (random, natural), ftg and margin (fragile/watermark/methods/; docs/sensitivity.md)
-CONTROL_SEED = 0           # which noise / test images the controls, ftg and margin start from
+# controls (random, natural), ftg, ibsf, ssf, aid and margin (fragile/watermark/methods/; docs/sensitivity.md)
+CONTROL_SEED = 0           # which noise / test images the controls and the optimising methods start from
 # ftg
 FTG_STEPS = 1000           # signed-gradient steps minimising the softmax variance
 FTG_STEP_SIZE = 0.25 / 255 # per step, in [0, 1] pixel units (straight-through 8-bit rounding)
+# ibsf: IBSF, ICML 2024 (fragile/watermark/methods/ibsf.py); the values of its code
+IBSF_K = 2                 # top-k softmax classes whose Shannon entropy is maximised (2..classes)
+IBSF_STEPS = 5000          # SGD iterations
+IBSF_LR = 1.0              # SGD learning rate, pixels in [0, 1]
+IBSF_EPS = 1.0             # L2 radius around the natural start, pixels in [0, 1]
+# ssf: Sensitive-Sample Fingerprinting, CVPR 2019 (fragile/watermark/methods/ssf.py); the values of its code
+SSF_STEPS = 1000           # Adam iterations maximising the squared gradient norm of the top logit
+SSF_LR = 0.1               # Adam learning rate, in grey levels (0..255 pixels, as its code)
+SSF_EPS = 1.0              # L2 radius per pixel in grey levels: eps x sqrt(C x H x W) around the natural start
+SSF_POOL = 10              # candidates per trigger; Maximum Active Neuron Cover picks one of them
+# aid: AID edge points, DAC 2021 (fragile/watermark/methods/aid.py); the values of its code
+AID_STEPS = 15000          # gradient-descent iterations from uniform noise
+AID_LR = 1e-4              # their step size, pixels in [0, 1]; halved after 1/3, quartered after 2/3 of them
 # margin (fragile/watermark/methods/margin.py)
 MARGIN_START = "natural"   # natural | noise | paper
 MARGIN_SAFETY = 10.0       # delta = this x the largest benign logit jitter measured
@@ -74,11 +87,14 @@ from fragile.core.training import accuracy
 from fragile.watermark import methods
 from fragile.watermark.jitter import ENVELOPE_ENTRIES, resolve_envelope
 from fragile.watermark.keys import key_payload, key_sha256, make_key
+from fragile.watermark.methods.aid import AIDParams
 from fragile.watermark.methods.controls import ControlParams
 from fragile.watermark.methods.fragility import FragilityParams, fragility_order
 from fragile.watermark.methods.ftg import FTGParams
+from fragile.watermark.methods.ibsf import IBSFParams
 from fragile.watermark.methods.margin import MarginParams
 from fragile.watermark.methods.paper import RECIPES, PaperParams
+from fragile.watermark.methods.ssf import SSFParams
 from fragile.watermark.methods.surrogates import SurrogateParams
 from fragile.watermark.paths import STAGED, default_paths, finish_interrupted_swap, save_watermark
 from fragile.watermark.trigger_io import MAX_TRIGGERS, load_triggers, trigger_meta
@@ -100,6 +116,16 @@ def check_settings():
     check_range("--gen-channels", GEN_CHANNELS, 1)
     check_range("--ftg-steps", FTG_STEPS, 1)
     check_range("--ftg-step-size", FTG_STEP_SIZE, 0, low_open=True)
+    check_range("--ibsf-k", IBSF_K, 2)
+    check_range("--ibsf-steps", IBSF_STEPS, 0)
+    check_range("--ibsf-lr", IBSF_LR, 0, low_open=True)
+    check_range("--ibsf-eps", IBSF_EPS, 0, low_open=True)
+    check_range("--ssf-steps", SSF_STEPS, 0)
+    check_range("--ssf-lr", SSF_LR, 0, low_open=True)
+    check_range("--ssf-eps", SSF_EPS, 0, low_open=True)
+    check_range("--ssf-pool", SSF_POOL, 1)
+    check_range("--aid-steps", AID_STEPS, 0)
+    check_range("--aid-lr", AID_LR, 0, low_open=True)
     check_range("--margin-safety", MARGIN_SAFETY, 0, low_open=True)
     check_range("--margin-band", MARGIN_BAND, 1)
     check_range("--margin-steps", MARGIN_STEPS, 0)
@@ -125,6 +151,20 @@ def ftg_params():
     return FTGParams(steps=FTG_STEPS, step_size=FTG_STEP_SIZE, control_seed=CONTROL_SEED, envelope=ENVELOPE)
 
 
+def ibsf_params():
+    return IBSFParams(k=IBSF_K, steps=IBSF_STEPS, lr=IBSF_LR, eps=IBSF_EPS, control_seed=CONTROL_SEED,
+                      envelope=ENVELOPE)
+
+
+def ssf_params():
+    return SSFParams(steps=SSF_STEPS, lr=SSF_LR, eps=SSF_EPS, pool=SSF_POOL, control_seed=CONTROL_SEED,
+                     envelope=ENVELOPE)
+
+
+def aid_params():
+    return AIDParams(steps=AID_STEPS, lr=AID_LR, control_seed=CONTROL_SEED, envelope=ENVELOPE)
+
+
 def fragility_params():
     """The weight noise that ranks every method's triggers for the query order (and margin's candidates)."""
     return FragilityParams(noise_sigma=MARGIN_NOISE_SIGMA, select_draws=MARGIN_SELECT_DRAWS)
@@ -147,7 +187,8 @@ def margin_params():
 def method_params(method):
     """``method``'s parameters (a ``methods.METHODS[method].params`` object) from the header; natural has none."""
     return {"paper": paper_params, "random": control_params, "natural": lambda: None, "ftg": ftg_params,
-            "margin": margin_params}[method]()
+            "ibsf": ibsf_params, "ssf": ssf_params,
+            "aid": aid_params, "margin": margin_params}[method]()
 
 
 def output_paths(model_path):

@@ -27,6 +27,8 @@ NUM_TRIGGERS = 20
 # Few steps: the synthetic resnet8 is small and these tests check behaviour, not the best numbers.
 FAST_FLAGS = {"random": [], "natural": [],
               "ftg": ["--ftg-steps", 60],
+              "ibsf": ["--ibsf-steps", 20], "ssf": ["--ssf-steps", 10, "--ssf-pool", 2],
+              "aid": ["--aid-steps", 10, "--aid-lr", 5e-2],
               "margin": ["--margin-steps", 60, "--margin-grid-rounds", 40, "--margin-pool", 2, "--margin-select-draws", 8,
                          "--margin-surrogates", 1, "--margin-surrogate-steps", 16, "--margin-surrogate-subset", 1024,
                          "--margin-surrogate-batch-size", 64]}
@@ -62,7 +64,7 @@ def flipped_fraction_under_noise(model, triggers, key, sigma, trials=4):
     return sum(fractions) / trials
 
 
-@pytest.mark.parametrize("method", ["paper", "random", "natural", "ftg", "margin"])
+@pytest.mark.parametrize("method", ["paper", "random", "natural", "ftg", "ibsf", "ssf", "aid", "margin"])
 def test_every_method_matches_the_key_after_8bit_export(method_triggers, model, method):
     folder, key_path = method_triggers[method]
     key, _ = load_key(key_path)

@@ -4,6 +4,12 @@
     random   control: uniform-noise images; the key becomes the model's own labels for them (controls.py)
     natural  control: the least-confident correctly classified test images of each key class (controls.py)
     ftg      FTG-style: signed-gradient pixel steps minimising the softmax variance, from natural images (ftg.py)
+    ibsf     IBSF (ICML 2024): SGD maximising the entropy of the top-k softmax classes in an L2 ball around a
+             natural image of the key class (ibsf.py)
+    ssf      SSF (CVPR 2019): Adam maximising the squared gradient norm of the top logit w.r.t. the last layer's
+             weights in an L2 ball around natural images, then Maximum Active Neuron Cover selection (ssf.py)
+    aid      AID edge points (DAC 2021): gradient descent from noise to where all logits meet, neurons kept
+             active; the key becomes the model's own labels for them (aid.py)
     margin   ours: every trigger's margin over the other classes driven into [delta, band x delta], delta
              calibrated from the measured benign jitter, while the owner's own fine-tuned copies of the
              model label it off the key (margin.py, surrogates.py)
@@ -16,7 +22,7 @@ into the trigger metadata, every other entry (tensors) into triggers.pt.
 from collections import namedtuple
 
 from ...core.cli import UserError
-from . import controls, ftg, margin, paper
+from . import aid, controls, ftg, ibsf, margin, paper, ssf
 from .common import TriggerJob
 
 Method = namedtuple("Method", "generate params")   # params: the method's parameter dataclass, or None
@@ -25,6 +31,9 @@ METHODS = {"paper": Method(paper.generate, paper.PaperParams),
            "random": Method(controls.generate_random, controls.ControlParams),
            "natural": Method(controls.generate_natural, None),
            "ftg": Method(ftg.generate, ftg.FTGParams),
+           "ibsf": Method(ibsf.generate, ibsf.IBSFParams),
+           "ssf": Method(ssf.generate, ssf.SSFParams),
+           "aid": Method(aid.generate, aid.AIDParams),
            "margin": Method(margin.generate, margin.MarginParams)}
 
 

@@ -1,5 +1,6 @@
 """What the trigger methods share: the job they work on, margins over the key, natural starting images and
-PSNR to them."""
+PSNR to them, the label floor, the L2 ball on the 8-bit grid, and the best-iterate bookkeeping of the
+methods that optimise from a start (ftg, ibsf, ssf, aid)."""
 import math
 from dataclasses import dataclass
 
@@ -8,6 +9,7 @@ import torch
 from ...core.cli import UserError
 from ...core.data import Split
 from ...core.training import predict_logits
+from ..jitter import calibrate_delta, measure_jitter
 from ..queries import top2_margins
 
 
@@ -80,3 +82,70 @@ def natural_starts(model, test, key, num_classes, device, least_confident=True, 
         used[k] += 1
     return test.images[torch.tensor(chosen)].cpu()
 
+
+
+def label_floor(model, starts, envelope, device):
+    """(jitter, floor): the benign logit jitter on ``starts`` across ``envelope`` and the smallest margin over the
+    runner-up a trigger may keep (the jitter itself, safety factor 1): below it the exported label is a coin toss."""
+    jitter = measure_jitter(model, starts.to(device), envelope=envelope)
+    return jitter, calibrate_delta(jitter, 1.0)
+
+
+def on_key(logits, key, floor):
+    """Which images carry their ``key`` label by more than ``floor``."""
+    return key_margins(logits, key).min(1).values > floor
+
+
+def l2_distance(a, b):
+    """Per-image L2 distance of two float batches, in float64 (8-bit differences add up exactly)."""
+    return (a.double() - b.double()).flatten(1).norm(dim=1)
+
+
+def project_l2_(x, start, radius):
+    """In place: each image of ``x`` into the L2 ball of ``radius`` around its ``start``, then into [0, 1] (the
+    order of SSF's and IBSF's projections)."""
+    shrink = (radius / l2_distance(x, start).clamp_min(1e-12)).clamp(max=1.0).to(x.dtype)
+    x.copy_((start + (x - start) * shrink.view(-1, *[1] * (x.dim() - 1))).clamp(0, 1))
+    return x
+
+
+def grid_in_ball(x, start, radius, shrink=0.9, tries=80):
+    """Straight-through 8-bit image of ``x`` that stays in the L2 ball around ``start`` (itself on the grid).
+    Rounding alone can leave the ball (up to half a grey level per pixel), so the displacement of an image whose
+    rounded version would is scaled down by ``shrink`` until it fits; 0.9**80 rounds any displacement to zero."""
+    with torch.no_grad():
+        step = x - start
+        scale = torch.ones(len(x), *[1] * (x.dim() - 1), device=x.device, dtype=x.dtype)
+        for _ in range(tries):
+            grid = (start + step * scale).clamp(0, 1).mul(255).round().div(255)
+            outside = l2_distance(grid, start) > radius
+            if not outside.any():
+                break
+            scale[outside] *= shrink
+    return x + (grid - x).detach()
+
+
+class BestIterates:
+    """Per trigger, the lowest-loss 8-bit iterate seen that passed ``valid`` (the methods keep their best iterate,
+    as FTG, SSF, IBSF and AID all do; here only among those that carry their key label)."""
+
+    def __init__(self, like):
+        self.images = like.clone()
+        self.loss = torch.full((len(like),), math.inf, device=like.device)
+
+    def offer(self, images, loss, valid):
+        with torch.no_grad():
+            better = valid & (loss.detach() < self.loss)
+            self.images[better] = images.detach()[better].clamp(0, 1).mul(255).round().to(self.images.dtype)
+            self.loss[better] = loss.detach()[better]
+
+    @property
+    def found(self):
+        return torch.isfinite(self.loss)
+
+
+def require_all(found, what, hint):
+    """Refuse to ship fewer triggers than asked: one error line with the count and the flag that helps."""
+    got, total = int(found.sum()), len(found)
+    if got < total:
+        raise UserError(f"{got} of {total} triggers {what}: {hint}")

@@ -5,16 +5,14 @@ landing where all classes meet. FTG itself has no label term and keeps float tri
 trigger keeps its lowest-variance 8-bit iterate that still carries its key label by at least the
 measured benign jitter (without that floor the export itself would be a coin toss).
 """
-import math
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from ...core.data import to_float
-from ..jitter import calibrate_delta, measure_jitter
-from ..trigger_io import quantize, straight_through_quantize
-from .common import key_margins, natural_starts, psnr_summary
+from ..trigger_io import straight_through_quantize
+from .common import BestIterates, label_floor, natural_starts, on_key, psnr_summary
 
 
 @dataclass(frozen=True)
@@ -36,19 +34,16 @@ def generate(job, p):
     model, key, device = job.model, job.key, job.device
     starts = natural_starts(model, job.test, key, job.spec.num_classes, device, least_confident=False,
                             seed=p.control_seed)
-    jitter = measure_jitter(model, starts.to(device), envelope=p.envelope)
-    floor = calibrate_delta(jitter, 1.0)  # the jitter itself (safety factor 1): just enough to export
+    jitter, floor = label_floor(model, starts, p.envelope, device)   # just enough margin to export
     key_t = torch.tensor(key, device=device)
     x = to_float(starts.to(device)).requires_grad_(True)
-    best, best_var = starts.clone().to(device), torch.full((len(key),), math.inf, device=device)
+    best = BestIterates(starts.to(device))   # a trigger with no valid iterate stays its (on-key) start
     model.eval().requires_grad_(False)
     for step in range(p.steps + 1):
-        logits = model(straight_through_quantize(x))
+        image = straight_through_quantize(x)
+        logits = model(image)
         variance = softmax_variance(logits)
-        with torch.no_grad():  # the forward pass saw exactly the 8-bit images: keep the best valid ones
-            valid = (key_margins(logits, key_t).min(1).values > floor) & (variance < best_var)
-            best[valid] = quantize(x[valid])
-            best_var[valid] = variance[valid]
+        best.offer(image, variance, on_key(logits, key_t, floor))   # the forward pass saw exactly the 8-bit images
         if step == p.steps:
             break
         grad, = torch.autograd.grad(variance.sum(), x)
@@ -56,7 +51,7 @@ def generate(job, p):
             x.sub_(p.step_size * grad.sign()).clamp_(0, 1)
         if step % 250 == 0:
             job.log(f"ftg step {step}: mean softmax variance {variance.mean().item():.3e}")
-    return best.cpu(), {"start_images": starts,
-                        "meta": {"start": "random correctly classified test images of the key class",
-                                 "benign_jitter": jitter, "label_floor": floor,
-                                 "psnr_to_start": psnr_summary(best, starts)}}
+    return best.images.cpu(), {"start_images": starts,
+                               "meta": {"start": "random correctly classified test images of the key class",
+                                        "benign_jitter": jitter, "label_floor": floor,
+                                        "psnr_to_start": psnr_summary(best.images, starts)}}
