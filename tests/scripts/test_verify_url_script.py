@@ -137,7 +137,7 @@ def test_garbage_answers_are_one_error_line(watermarked, stub, case):
 
 def test_url_and_model_together_or_neither_is_an_error(watermarked):
     proc = run_script("verify.py", "--url", "http://127.0.0.1:1", "--model", watermarked["model"], check=False)
-    assert_one_error_line(proc, "either --model")
+    assert_one_error_line(proc, "give one of --model")
     proc = run_script("verify.py", "--url", "http://127.0.0.1:1", check=False)
     assert_one_error_line(proc, "--triggers is required")
 
