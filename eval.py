@@ -90,6 +90,9 @@ UNLEARN_MAX_STEPS = 4             # BIVBench's "hard to forget" break (0: no cha
 ONLINE_LR = 1e-4                  # weights -= lr x (g_clean + g_new projected off g_clean), per step
 ONLINE_BATCH_SIZE = 128           # clean training images per step
 ONLINE_MAX_STEPS = 0              # 0: at most one pass over the training data
+# shift: fine-tuning on another distribution (fragile/tamper/shift.py)
+SHIFT_EPOCHS = 1                  # the paper's fine-tuning on the transformed training images
+SHIFT_TRANSFORM = "invert"        # invert | rotate | blur
 # benign matrix, an experiment (--attack benign; fragile/tamper/benign.py)
 BENIGN_BATCH_SIZES = [1, 16]       # compared with all triggers at once
 ENVELOPE = []                      # settings the matrix covers (fragile/watermark/jitter.py); empty: the triggers' own envelope
@@ -130,6 +133,7 @@ from fragile.tamper.one_sample import OnlineParams, UnlearnParams
 from fragile.tamper.perturbation import BIT_CLASSES, BitflipParams, NoiseParams, SingleWeightParams
 from fragile.tamper.registry import DATA_PARALLEL, RUNNABLE, lookup
 from fragile.tamper.restore import RestoreParams
+from fragile.tamper.shift import TRANSFORMS, ShiftParams
 from fragile.watermark.jitter import ENVELOPE_ENTRIES
 from fragile.watermark.paths import load_watermark, tensor_file, triggers_path
 from fragile.watermark.queries import check_compatible, check_made_for, check_tolerance
@@ -186,6 +190,8 @@ def attack_params(attack):
         return UnlearnParams(lr=UNLEARN_LR, max_steps=UNLEARN_MAX_STEPS)
     if attack == "online":
         return OnlineParams(lr=ONLINE_LR, batch_size=ONLINE_BATCH_SIZE, max_steps=ONLINE_MAX_STEPS)
+    if attack == "shift":
+        return ShiftParams(epochs=SHIFT_EPOCHS, transform=SHIFT_TRANSFORM)
     if attack == "benign":
         return benign_params()
     if attack == "compare":
@@ -263,6 +269,8 @@ def check_attack_settings(attack):
         check_range("--online-lr", ONLINE_LR, 0)
         check_positive_int("--online-batch-size", ONLINE_BATCH_SIZE)
         check_range("--online-max-steps", ONLINE_MAX_STEPS, 0)
+    elif attack == "shift":
+        check_range("--shift-epochs", SHIFT_EPOCHS, 0)
     elif attack == "compare":
         check_range("--compare-finetune-epochs", COMPARE_FINETUNE_EPOCHS, 0)
         check_sweep("--compare-noise-sigmas", COMPARE_NOISE_SIGMAS, 0)
@@ -283,6 +291,7 @@ def check_outputs():
 def main():
     config = apply_overrides(globals(), __doc__, choices={"DATASET": list(DATASETS), "ARCH": list(ARCHS),
                                                            "ATTACK": list(RUNNABLE), "ENVELOPE": ENVELOPE_ENTRIES,
+                                                           "SHIFT_TRANSFORM": list(TRANSFORMS),
                                                            "BACKEND": list(dist.BACKENDS)})
     attack = lookup(ATTACK)
     check_settings()

@@ -108,7 +108,18 @@ def test_the_checker_sees_imports_a_lower_stage_must_not_make(tmp_path):
 @pytest.mark.parametrize("path", sorted(set(python_files("fragile", "models", "tests")) |
                                         {os.path.join(ROOT, s) for s in SCRIPTS}), ids=os.path.basename)
 def test_no_file_is_long(path):
-    assert sum(1 for _ in open(path)) <= MAX_LINES
+    assert code_lines(path) <= MAX_LINES
+
+
+def code_lines(path):
+    """A file's lines, a script's config header aside: that block is one constant per setting and grows by design
+    with every attack and method (a section each); the code below it is what must stay small."""
+    lines = open(path).read().splitlines()
+    if os.path.basename(path) in SCRIPTS:
+        start = next(i for i, line in enumerate(lines) if line.startswith("# ---") and line.endswith(" config"))
+        end = next(i for i in range(start + 1, len(lines)) if lines[i].startswith("# ---"))
+        del lines[start:end + 1]
+    return len(lines)
 
 
 def code_and_scripts():

@@ -9,7 +9,7 @@ from collections import namedtuple
 
 from ..core.cli import UserError
 from . import (benign, compare, compression, fine_prune, finetune, layers, obfuscate, one_sample, perturbation,
-               restore)
+               restore, shift)
 
 Attack = namedtuple("Attack", "run params")
 
@@ -27,6 +27,7 @@ ATTACKS = {
     **{variant: Attack(layers.runner(variant), layers.LayerTuneParams) for variant in layers.VARIANTS},
     "unlearn": Attack(one_sample.run_unlearn, one_sample.UnlearnParams),
     "online": Attack(one_sample.run_online, one_sample.OnlineParams),
+    "shift": Attack(shift.run_shift, shift.ShiftParams),
 }
 EXPERIMENTS = {   # they tamper with nothing themselves: they run attacks, or none, and measure
     "benign": Attack(benign.run_benign, benign.BenignParams),
