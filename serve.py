@@ -50,7 +50,7 @@ def onnx_core():
     graph's."""
     from fragile.deploy.onnx_export import io_shapes, read_onnx
     from fragile.deploy.runtimes import ort_session
-    from fragile.deploy.targets import onnx_predictor
+    from fragile.deploy.predictors import onnx_predictor
     proto, _ = read_onnx(ONNX)
     input_shape, num_classes = io_shapes(proto)
     predict = onnx_predictor(ort_session(ONNX))

@@ -51,8 +51,8 @@ from fragile.watermark.remote import MAX_RETRIES, MAX_TIMEOUT_S, query_remote_la
 from fragile.watermark.queries import check_compatible, check_tolerance, compare
 from fragile.deploy.onnx_export import io_shapes, onnx_evidence, read_onnx
 from fragile.deploy.runtimes import ort_session
-from fragile.deploy.targets import (DEFAULT_DEPLOYMENT, DEPLOYMENTS, calibrated_for, calibration_warning,
-                                    onnx_predictor, predictor)
+from fragile.deploy.predictors import onnx_predictor
+from fragile.deploy.targets import DEFAULT_DEPLOYMENT, DEPLOYMENTS, calibrated_for, calibration_warning, predictor
 
 
 def check_settings():

@@ -211,6 +211,13 @@ def _report(message, error=None):
     print(line.splitlines()[0], file=sys.stderr, flush=True)
 
 
+def first_line(error):
+    """An exception's message cut to its first line (its type's name when it has none): what an error line quotes
+    of a library's multi-line complaint."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 _sigint_seen = []
 
 

@@ -12,7 +12,7 @@ import zipfile
 
 import torch
 
-from .cli import UserError
+from .cli import UserError, first_line
 
 FORMAT = "fragile-wm/1"
 
@@ -124,8 +124,7 @@ def safe_torch_load(path, what="checkpoint"):
         detail = text.split("WeightsUnpickler error:", 1)[-1].strip().splitlines()[0] if text.strip() else ""
         raise UserError(f"{what} {path} is corrupt or not a torch file ({detail[:120]})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{what} {path} is corrupt or not a torch file: {first}") from None
+        raise UserError(f"{what} {path} is corrupt or not a torch file: {first_line(e)}") from None
     except Exception as e:  # torch's reader fails on arbitrary bytes in many ways (KeyError on a text file, ...)
         raise UserError(f"{what} {path} is corrupt or not a torch file ({type(e).__name__} while reading it)") from None
 

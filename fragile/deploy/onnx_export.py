@@ -29,7 +29,7 @@ import warnings
 
 import torch
 
-from ..core.cli import UserError
+from ..core.cli import UserError, first_line
 from ..core.data import DATASETS
 from ..core.io import atomic_write, weights_sha256
 from .predictors import onnx_predictor, torch_predictor
@@ -125,8 +125,7 @@ def read_onnx(path):
         proto = onnx.load(path)
         onnx.checker.check_model(proto)
     except Exception as e:   # protobuf's DecodeError, onnx's ValidationError, ...
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path} is not a valid ONNX file: {first[:200]}") from None
+        raise UserError(f"{path} is not a valid ONNX file: {first_line(e)[:200]}") from None
     props = {p.key: p.value for p in proto.metadata_props}
     try:
         bound = json.loads(props[META_KEY])

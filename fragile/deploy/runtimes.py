@@ -4,7 +4,7 @@ import importlib
 
 import torch
 
-from ..core.cli import UserError
+from ..core.cli import UserError, first_line
 
 REQUIREMENTS = "requirements-deploy.txt"
 
@@ -41,8 +41,7 @@ def ort_session(model, cuda=False):
     try:
         return ort.InferenceSession(model, sess_options=options, providers=providers)
     except Exception as e:   # onnxruntime raises its own exception types for an unreadable model
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"ONNX Runtime cannot load the model: {first[:200]}") from None
+        raise UserError(f"ONNX Runtime cannot load the model: {first_line(e)[:200]}") from None
 
 
 # OpenVINO's CPU plugin picks bf16 arithmetic by itself on CPUs with bf16 units (AMX, AVX512-BF16): the
