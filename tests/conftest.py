@@ -184,6 +184,15 @@ def eval_context(model, triggers, key, train_size=256, test_size=300, probe=None
     return dataclasses.replace(ctx, **changes)
 
 
+def session_context(watermarked, train_size, test_size):
+    """eval_context around a fresh load of the session model and its paper triggers (each caller its own copy)."""
+    from fragile.core.io import load_classifier
+    from fragile.watermark.trigger_io import load_triggers
+    model, _ = load_classifier(watermarked["model"], "cpu")
+    triggers, _ = load_triggers(watermarked["triggers"])
+    return eval_context(model, triggers, watermarked["key_labels"], train_size=train_size, test_size=test_size)
+
+
 def results_file(run, attack, model_path, num_triggers, method="paper", params=None):
     """A results record as eval.py builds it, around one run made in process."""
     from fragile.core.io import read_checkpoint

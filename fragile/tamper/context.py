@@ -15,6 +15,7 @@ import torch
 
 from ..core.data import Split
 from ..core.training import accuracy
+from ..core.weights import state_changed
 from ..watermark import robust
 from ..watermark.queries import queries_to_detection, query_labels
 from . import records
@@ -124,6 +125,15 @@ class EvalContext:
 
     def with_finetune(self, **changes):
         return dataclasses.replace(self, finetune=dataclasses.replace(self.finetune, **changes))
+
+
+def note_change(ctx, model, what):
+    """Whether ``model`` differs at all from the untouched one (weights and buffers, recomputed). A tampering that
+    changed nothing is said so, and its run records it (``model_changed``): no change, never a missed detection."""
+    changed = state_changed(model, ctx.model)
+    if not changed:
+        ctx.log(f"  {what} left the model unchanged: recorded as no change, not as a miss")
+    return changed
 
 
 def log_point(ctx, record):

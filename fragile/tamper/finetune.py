@@ -14,6 +14,7 @@ from ..core.data import to_float, train_batches
 from ..core.devices import seed_everything
 from ..core.training import grad_scaler, make_sgd, predict_logits, sgd_kernels, train_mode, train_steps
 from . import records
+from .context import note_change
 
 
 def stamp_patch(images, size, position, value):
@@ -121,6 +122,15 @@ def fine_tune(model, ctx, seed, epochs, poisoned=False, extra_metrics=no_metrics
                     f"({record['flipped']} flipped), clean acc {record['clean_accuracy']:.4f}"
                     + (f", ASR {record['attack_success_rate']:.3f}" if poisoned else ""))
     return (trajectory if dist.is_main() else []), first_detection
+
+
+def fine_tune_run(ctx, model, seed, epochs, phase, what, **options):
+    """The run record of fine-tuning ``model``, a copy the caller prepared (``options`` go to fine_tune): its
+    trajectory, first detection, and whether anything changed at all (``what`` names the run if nothing did)."""
+    trajectory, first = fine_tune(model, ctx, seed, epochs, extra_metrics=ctx.probe.extra_metrics, phase=phase,
+                                  **options)
+    changed = note_change(ctx, model, what)
+    return records.run_record(seed, trajectory, first_detection_step=first, model_changed=changed), model
 
 
 def run_finetune(ctx, params, seed, poisoned=False):

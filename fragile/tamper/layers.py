@@ -25,10 +25,8 @@ from dataclasses import dataclass
 import torch
 
 from ..core.devices import seed_everything
-from ..core.weights import state_changed
-from . import records
 from .fine_prune import classifier_layer
-from .finetune import fine_tune
+from .finetune import fine_tune_run
 
 
 @dataclass(frozen=True)
@@ -68,12 +66,8 @@ def run_variant(variant, ctx, p, seed):
     reinit = VARIANTS[variant][2]
     adam = (lambda m: torch.optim.Adam([w for w in m.parameters() if w.requires_grad], lr=p.retrain_lr)) \
         if reinit else None
-    trajectory, first = fine_tune(model, ctx.with_finetune(batch_size=p.batch_size), seed, epochs,
-                                  extra_metrics=ctx.probe.extra_metrics, phase=variant, make_optimizer=adam)
-    changed = state_changed(model, ctx.model)
-    if not changed:
-        ctx.log(f"  {variant} with {epochs} epochs leaves the weights unchanged: recorded as no change, not as a miss")
-    return records.run_record(seed, trajectory, first_detection_step=first, model_changed=changed), model
+    return fine_tune_run(ctx.with_finetune(batch_size=p.batch_size), model, seed, epochs, variant,
+                         f"{variant} with {epochs} epochs", make_optimizer=adam)
 
 
 def runner(variant):

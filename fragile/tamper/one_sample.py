@@ -27,8 +27,8 @@ import torch.nn.functional as F
 
 from ..core.data import to_float, train_batches
 from ..core.devices import seed_everything
-from ..core.weights import state_changed
 from . import records
+from .context import note_change
 
 
 @dataclass(frozen=True)
@@ -136,10 +136,8 @@ def run_online(ctx, p, seed):
 def finish(ctx, model, seed, before, steps, image, label, **chosen):
     """The run record: the watermark and the image's confidence before and after, and whether anything changed."""
     after = sample_record(ctx, model, "after", steps, image, label)
-    changed = state_changed(model, ctx.model)
-    if not changed:
-        ctx.log(f"  seed {seed}: {steps} steps left the weights unchanged: recorded as no change, not as a miss")
-    else:
+    changed = note_change(ctx, model, f"seed {seed}: {steps} steps")
+    if changed:
         ctx.log(f"  seed {seed}: {steps} steps, probability of the image's label {before['label_probability']:.3f} "
                 f"-> {after['label_probability']:.3f}; {after['flipped']} triggers flipped, clean acc "
                 f"{after['clean_accuracy']:.4f}")

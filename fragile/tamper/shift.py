@@ -15,9 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.data import Split
-from ..core.weights import state_changed
-from . import records
-from .finetune import fine_tune
+from .finetune import fine_tune_run
 
 
 @dataclass(frozen=True)
@@ -50,9 +48,5 @@ def shifted(split, transform):
 def run_shift(ctx, p, seed):
     """Fine-tune a copy on the shifted training images, recording the watermark step by step."""
     model = ctx.fresh_copy()
-    trajectory, first = fine_tune(model, ctx, seed, p.epochs, extra_metrics=ctx.probe.extra_metrics,
-                                  phase=f"shift-{p.transform}", data=shifted(ctx.train, p.transform))
-    changed = state_changed(model, ctx.model)
-    if not changed:
-        ctx.log(f"  shift with {p.epochs} epochs leaves the weights unchanged: recorded as no change, not as a miss")
-    return records.run_record(seed, trajectory, first_detection_step=first, model_changed=changed), model
+    return fine_tune_run(ctx, model, seed, p.epochs, f"shift-{p.transform}", f"shift with {p.epochs} epochs",
+                         data=shifted(ctx.train, p.transform))

@@ -1,23 +1,21 @@
 """BIVBench's fine-tuning family, in process on the session's resnet8: which weights each variant moves, which it
 re-initialises, and that a run that changes nothing is recorded as no change."""
+import dataclasses
+
 import pytest
 import torch
 
-from conftest import eval_context
-from fragile.core.io import load_classifier
+from conftest import session_context
 from fragile.tamper.fine_prune import classifier_layer
 from fragile.tamper.layers import VARIANTS, LayerTuneParams, runner
 from fragile.tamper.registry import ATTACKS, lookup
-from fragile.watermark.trigger_io import load_triggers
 
 ONE_EPOCH = LayerTuneParams(ftal_epochs=1, ftll_epochs=1, fzll_epochs=1, rtal_epochs=1, rtll_epochs=1, batch_size=32)
 
 
 @pytest.fixture(scope="module")
 def ctx(watermarked):
-    model, _ = load_classifier(watermarked["model"], "cpu")
-    triggers, _ = load_triggers(watermarked["triggers"])
-    return eval_context(model, triggers, watermarked["key_labels"], train_size=96, test_size=100)
+    return session_context(watermarked, train_size=96, test_size=100)
 
 
 def moved(before, after):
@@ -49,7 +47,7 @@ def test_retraining_starts_the_last_layer_again_from_the_seed(ctx):
 
 def test_zero_epochs_of_fine_tuning_is_recorded_as_no_change_not_as_a_miss(ctx):
     logged = []
-    quiet = type(ctx)(**{**ctx.__dict__, "log": logged.append})
+    quiet = dataclasses.replace(ctx, log=logged.append)
     run, tampered = runner("ftal")(quiet, LayerTuneParams(ftal_epochs=0), seed=0)
     assert run["model_changed"] is False and not moved(ctx.model, tampered)["body"]
     assert any("recorded as no change" in line for line in logged)

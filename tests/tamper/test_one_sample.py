@@ -1,19 +1,17 @@
 """One-sample updates (BIVBench's unlearning and online learning), in process on the session's resnet8: each does
 what it says to its one image, keeps to its step budget, and a budget of nothing is recorded as no change."""
+import dataclasses
+
 import pytest
 
-from conftest import eval_context
-from fragile.core.io import load_classifier
+from conftest import session_context
 from fragile.core.weights import count_changed
 from fragile.tamper.one_sample import OnlineParams, UnlearnParams, confidence_and_label, run_online, run_unlearn
-from fragile.watermark.trigger_io import load_triggers
 
 
 @pytest.fixture(scope="module")
 def ctx(watermarked):
-    model, _ = load_classifier(watermarked["model"], "cpu")
-    triggers, _ = load_triggers(watermarked["triggers"])
-    return eval_context(model, triggers, watermarked["key_labels"], train_size=256, test_size=200)
+    return session_context(watermarked, train_size=256, test_size=200)
 
 
 def test_unlearning_lowers_the_confidence_on_its_image_within_its_steps(ctx):
@@ -44,7 +42,7 @@ def test_online_learning_picks_an_unsure_correct_image_and_raises_its_confidence
                                          (run_online, OnlineParams(max_steps=2, lr=0.0))])
 def test_a_budget_of_nothing_is_recorded_as_no_change(ctx, run, params):
     logged = []
-    quiet = type(ctx)(**{**ctx.__dict__, "log": logged.append})
+    quiet = dataclasses.replace(ctx, log=logged.append)
     record, model = run(quiet, params, seed=0)
     assert record["model_changed"] is False and count_changed(model, ctx.model) == 0
     assert record["records"][0]["flipped"] == record["records"][1]["flipped"]

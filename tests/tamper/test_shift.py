@@ -1,13 +1,13 @@
 """Fine-tuning on another distribution: the shifted images are the transform of the originals with the labels
 kept, the attack fine-tunes on them (not on the originals), and 0 epochs is no change."""
+import dataclasses
+
 import pytest
 import torch
 
-from conftest import eval_context
+from conftest import session_context
 from fragile.core.data import Split
-from fragile.core.io import load_classifier
 from fragile.tamper.shift import TRANSFORMS, ShiftParams, run_shift, shifted
-from fragile.watermark.trigger_io import load_triggers
 
 
 def test_each_transform_keeps_shape_dtype_and_labels_and_changes_the_images():
@@ -28,9 +28,7 @@ def test_each_transform_keeps_shape_dtype_and_labels_and_changes_the_images():
 
 @pytest.fixture(scope="module")
 def ctx(watermarked):
-    model, _ = load_classifier(watermarked["model"], "cpu")
-    triggers, _ = load_triggers(watermarked["triggers"])
-    return eval_context(model, triggers, watermarked["key_labels"], train_size=96, test_size=100)
+    return session_context(watermarked, train_size=96, test_size=100)
 
 
 def test_shift_fine_tunes_on_the_shifted_images_not_the_originals(ctx):
@@ -45,6 +43,6 @@ def test_shift_fine_tunes_on_the_shifted_images_not_the_originals(ctx):
 
 def test_zero_epochs_is_recorded_as_no_change(ctx):
     logged = []
-    quiet = type(ctx)(**{**ctx.__dict__, "log": logged.append})
+    quiet = dataclasses.replace(ctx, log=logged.append)
     run, _ = run_shift(quiet, ShiftParams(epochs=0), seed=0)
     assert run["model_changed"] is False and any("recorded as no change" in line for line in logged)
