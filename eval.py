@@ -21,6 +21,8 @@ TEST_SUBSET = 0            # >0: measure clean accuracy / ASR on this many test 
 DEVICE = "auto"            # under torchrun: each rank takes cuda:LOCAL_RANK
 BACKEND = "auto"           # torchrun only: auto (nccl on GPUs, gloo on CPU) | nccl | gloo
 MAX_MISMATCHES = 0         # verification tolerance, as in verify.py
+DEPLOYMENT = ""            # label the triggers in this named deployment (docs/deployment.md): torch-fp32 torch-fp16
+                           # torch-bf16 onnxruntime openvino (GPU: torch-cuda-*, onnxruntime-cuda); empty: torch fp32
 EVAL_BATCH_SIZE = 1024
 DATA_ON_DEVICE = True      # keep the fine-tuning data on the device (off: on the CPU, batches copied over)
 FAST_MATH = True           # TF32 and cuDNN autotuning for the fine-tuning steps on GPU (verification pins fp32 itself)
@@ -103,6 +105,11 @@ COMPARE_TRIALS = 20                # noise and single-weight trials
 COMPARE_SINGLE_WEIGHT_EPS = 1e-3
 COMPARE_OBFUSCATE_K = 1
 COMPARE_OBFUSCATE_SCALE = 10.0     # obfuscated weights move this many standard deviations of their tensor
+# physical limit, an experiment (--attack limit; fragile/tamper/limit.py)
+LIMIT_SIGMAS = [1e-7, 3e-7, 1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2]   # noise swept, labelled in the deployment
+LIMIT_TRIALS = 20
+LIMIT_REFERENCE_SIGMA = 1e-5       # the noise whose effect on the trigger logits is measured (linear regime)
+LIMIT_DETECT_FRACTION = 0.95       # detected: in at least this fraction of trials (19 of 20)
 # output
 RESULTS_DIR = "results"
 SAVE_TAMPERED = ""         # write the (last seed's) tampered model here, for verify.py
@@ -110,6 +117,7 @@ OVERWRITE = False          # replace an existing results file (or --save-tampere
 PROGRESS = True
 # -----------------------------------------------------------------------------
 
+import sys
 import time
 
 import torch
@@ -121,6 +129,7 @@ from fragile.core.data import DATASETS, balanced_subset, get_spec, load_split
 from fragile.core.devices import describe_device, resolve_device, set_fast_math, versions
 from fragile.core.io import (check_writable, check_writable_dir, default_checkpoint_path, load_classifier,
                              read_checkpoint, refuse_existing, save_classifier)
+from fragile.deploy.targets import calibration_warning, parse_names
 from fragile.tamper import records
 from fragile.tamper.benign import BenignParams
 from fragile.tamper.compare import CompareParams
@@ -128,6 +137,7 @@ from fragile.tamper.compression import QUANTIZERS, PruneParams, QuantizeParams
 from fragile.tamper.context import Deployment, EvalContext, FinetuneParams, PoisonParams, Probe
 from fragile.tamper.fine_prune import FinePruneParams
 from fragile.tamper.layers import VARIANTS, LayerTuneParams
+from fragile.tamper.limit import LimitParams
 from fragile.tamper.obfuscate import ObfuscateParams
 from fragile.tamper.one_sample import OnlineParams, UnlearnParams
 from fragile.tamper.perturbation import BIT_CLASSES, BitflipParams, NoiseParams, SingleWeightParams
@@ -155,7 +165,7 @@ def poison_params():
 
 
 def benign_params():
-    return BenignParams(batch_sizes=BENIGN_BATCH_SIZES, envelope=ENVELOPE)
+    return BenignParams(batch_sizes=BENIGN_BATCH_SIZES, envelope=ENVELOPE, deployment=DEPLOYMENT)
 
 
 def attack_params(attack):
@@ -194,6 +204,9 @@ def attack_params(attack):
         return ShiftParams(epochs=SHIFT_EPOCHS, transform=SHIFT_TRANSFORM)
     if attack == "benign":
         return benign_params()
+    if attack == "limit":
+        return LimitParams(sigmas=LIMIT_SIGMAS, trials=LIMIT_TRIALS, reference_sigma=LIMIT_REFERENCE_SIGMA,
+                           detect_fraction=LIMIT_DETECT_FRACTION)
     if attack == "compare":
         return CompareParams(finetune_epochs=COMPARE_FINETUNE_EPOCHS, noise_sigmas=COMPARE_NOISE_SIGMAS,
                              trials=COMPARE_TRIALS, single_weight_eps=COMPARE_SINGLE_WEIGHT_EPS,
@@ -205,7 +218,7 @@ def attack_params(attack):
 def run_settings():
     """What every attack shares, as the results file records it."""
     return dict(seeds=SEEDS, max_mismatches=MAX_MISMATCHES, eval_batch_size=EVAL_BATCH_SIZE, train_subset=TRAIN_SUBSET,
-                test_subset=TEST_SUBSET, triggers=TRIGGERS, key=KEY)
+                test_subset=TEST_SUBSET, triggers=TRIGGERS, key=KEY, deployment=DEPLOYMENT)
 
 
 # ----------------------------------------------------------------------------- checks before any work
@@ -213,6 +226,8 @@ def run_settings():
 def check_settings():
     """The numbers every attack shares, checked before any work."""
     check_nonempty("--seeds", SEEDS)
+    if DEPLOYMENT and parse_names([DEPLOYMENT], "--deployment") != [DEPLOYMENT]:
+        raise UserError(f"--deployment takes one deployment (got {DEPLOYMENT!r}): run eval.py once per deployment")
     if len(set(SEEDS)) != len(SEEDS):
         raise UserError(f"--seeds repeats a seed ({' '.join(map(str, SEEDS))}): each run needs its own")
     check_range("--epochs", EPOCHS, 0)
@@ -276,6 +291,11 @@ def check_attack_settings(attack):
         check_sweep("--compare-noise-sigmas", COMPARE_NOISE_SIGMAS, 0)
         check_positive_int("--compare-trials", COMPARE_TRIALS)
         check_positive_int("--compare-obfuscate-k", COMPARE_OBFUSCATE_K)
+    elif attack == "limit":
+        check_sweep("--limit-sigmas", LIMIT_SIGMAS, 0)
+        check_positive_int("--limit-trials", LIMIT_TRIALS)
+        check_range("--limit-reference-sigma", LIMIT_REFERENCE_SIGMA, 0, low_open=True)
+        check_range("--limit-detect-fraction", LIMIT_DETECT_FRACTION, 0, 1, low_open=True)
 
 
 def check_outputs():
@@ -318,12 +338,15 @@ def main():
     probe = Probe(watermark.triggers.to(device), torch.tensor(watermark.key), test, max_mismatches=MAX_MISMATCHES,
                   eval_batch_size=EVAL_BATCH_SIZE,
                   query_order=watermark.meta.get("query_order"),   # most fragile first (generate_samples.py)
-                  backdoor=read_checkpoint(model_path).get("backdoor"))
+                  backdoor=read_checkpoint(model_path).get("backdoor"), deployment=DEPLOYMENT, model_meta=model_meta)
     deployment = Deployment(watermark.meta, tensor_file(watermark.triggers_path), model_meta)
     ctx = EvalContext(model, spec, train, device, probe, finetune=finetune_params(), poison=poison_params(),
                       deployment=deployment, progress=PROGRESS)
     print(f"{ATTACK} on {model_path} ({model_meta['arch']}, {model_meta['dataset']}), {len(watermark.key)} triggers, "
-          f"{describe_device(device)}")
+          f"{describe_device(device)}" + (f", labelled in {DEPLOYMENT}" if DEPLOYMENT else ""))
+    warning = DEPLOYMENT and calibration_warning(DEPLOYMENT, watermark.meta)
+    if warning:
+        print(warning, file=sys.stderr)
 
     started, runs, tampered = time.time(), [], None
     for seed in SEEDS:

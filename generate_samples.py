@@ -22,6 +22,8 @@ DATA_DIR = "data"          # test images for the accuracy check (and natural-ima
 DEVICE = "auto"
 ENVELOPE = ["exact"]       # benign deployment changes accepted: exact fp16 bf16 batch threads channels_last cuda
                            # (margin and ftg calibrate delta on their largest jitter; the benign matrix covers each)
+DEPLOY = []                # margin: named deployments to calibrate in, each on its own jitter (docs/deployment.md):
+                           # torch-fp32 torch-fp16 torch-bf16 onnxruntime openvino (GPU: torch-cuda-*, onnxruntime-cuda)
 # paper: generator and loss (arXiv 2208.07585)
 LATENT_DIM = 512
 LATENT_SEED = 0            # the fixed latent batch is drawn from this seed (and stored)
@@ -84,6 +86,8 @@ from fragile.core.data import DATASETS, get_spec, load_split
 from fragile.core.devices import describe_device, resolve_device, set_fast_math
 from fragile.core.io import check_writable, default_checkpoint_path, load_classifier, model_sha256, refuse_existing
 from fragile.core.training import accuracy
+from fragile.deploy.arithmetic import arithmetic
+from fragile.deploy.targets import parse_names
 from fragile.watermark import methods
 from fragile.watermark.jitter import ENVELOPE_ENTRIES, resolve_envelope
 from fragile.watermark.keys import key_payload, key_sha256, make_key
@@ -216,6 +220,11 @@ def main():
         config = apply_preset(globals(), config, {"GEN_CHANNELS": recipe.gen_channels, "LR": recipe.lr})
     check_settings()
     resolve_envelope(ENVELOPE)  # a bad entry fails now, not after the model and data are loaded
+    deploy = parse_names(DEPLOY)
+    if deploy and METHOD != "margin":
+        raise UserError(f"--deploy calibrates margin triggers in each deployment: add --method margin (method "
+                        f"{METHOD} keeps its own label floor in torch fp32)")
+    config["DEPLOY"] = deploy
     device = dist.setup("auto", resolve_device(DEVICE))
     dist.on_main(generate, config, device)   # under torchrun: rank 0 alone, the others wait
     dist.cleanup()
@@ -236,7 +245,8 @@ def generate(config, device):
     print(f"before: weights sha256 {sha_before}  test accuracy {acc_before:.4f}")
 
     key, source = make_key(NUM_TRIGGERS, spec.num_classes, None if KEY_SEED < 0 else KEY_SEED)
-    job = methods.TriggerJob(model, spec, key, device, test, train, progress=PROGRESS)
+    deployed = tuple(arithmetic(name, model, model_meta) for name in config["DEPLOY"])
+    job = methods.TriggerJob(model, spec, key, device, test, train, progress=PROGRESS, deployments=deployed)
     triggers, info = methods.generate(METHOD, job, params)
 
     fragility = fragility_params()
@@ -250,9 +260,14 @@ def generate(config, device):
         from_png, _ = load_triggers(staged)
         labels, margins["all"] = labels_and_margins(model, from_png.to(device))
         wrong = (labels != torch.tensor(key)).sum().item()
-        if not torch.equal(from_png, triggers.cpu()) or wrong:
+        if not torch.equal(from_png, triggers.cpu()) or wrong and not deployed:
             raise UserError(f"{wrong} of {len(key)} triggers lost their key label after the PNG round trip; not "
                             f"accepted (nothing was replaced)")
+        for arith in deployed:   # calibrated in named deployments: each of them must label every PNG as the key
+            wrong = (arith.predict(from_png).argmax(1) != torch.tensor(key)).sum().item()
+            if wrong:
+                raise UserError(f"{wrong} of {len(key)} triggers are off their key labels in {arith.name} after the "
+                                f"PNG round trip; not accepted (nothing was replaced)")
     save_watermark(out, key_out, triggers, meta, key_payload(key, spec.num_classes, source), extra=info, check=accept)
 
     sha_after, acc_after = fingerprint(model, test)
@@ -260,13 +275,19 @@ def generate(config, device):
     if (sha_after, acc_after) != (sha_before, acc_before):
         raise UserError("the model changed during trigger generation (this is a bug)")
     s = margin_summary(margins["all"])
-    print(f"{len(key)} triggers ({METHOD}), all on their key labels after 8-bit PNG export")
-    print(f"top-1 minus runner-up logit margin: min {s['min']:.3g}  median {s['median']:.3g}  "
+    where = f" in {', '.join(config['DEPLOY'])}" if deployed else ""
+    print(f"{len(key)} triggers ({METHOD}), all on their key labels{where} after 8-bit PNG export")
+    print(f"top-1 minus runner-up logit margin{' in torch fp32' if deployed else ''}: min {s['min']:.3g}  "
+          f"median {s['median']:.3g}  "
           f"mean {s['mean']:.3g}  max {s['max']:.3g}")
     print(f"estimated flip rate under weight noise sigma {fragility.noise_sigma:g}: mean "
           f"{flip_rate.mean().item():.2f}, most fragile trigger {flip_rate.max().item():.2f} (queried first)")
     uncovered = [p for p in ("fp16", "bf16") if p not in ENVELOPE]
-    if uncovered:  # the one line the owner must not miss: half-precision serving is outside this envelope
+    if deployed:
+        print(f"calibrated for {', '.join(config['DEPLOY'])}: verify through "
+              f"{'it' if len(deployed) == 1 else 'one of them'} (verify.py --deployment NAME); another deployment "
+              f"gets a warning beside its verdict")
+    elif uncovered:  # the one line the owner must not miss: half-precision serving is outside this envelope
         print(f"note: envelope {' '.join(ENVELOPE) or 'exact'} leaves out {' and '.join(uncovered)} inference: "
               f"{'these triggers' if METHOD in ('margin', 'ftg') else 'near-boundary triggers'} may raise false "
               f"alarms there (--envelope exact fp16 bf16 calibrates for it; eval.py --attack benign --envelope "

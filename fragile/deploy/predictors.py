@@ -6,15 +6,16 @@ import torch
 from ..core.data import to_float
 from ..core.devices import tf32
 from ..core.training import predict_logits
-from ..watermark.jitter import CastModel
+from ..watermark.jitter import CastModel, torch_threads
 
 
-def torch_predictor(model, dtype=None):
-    """Torch on the model's device, exact fp32 or cast to ``dtype``; all images at once unless a batch is given."""
+def torch_predictor(model, dtype=None, threads=None):
+    """Torch on the model's device, exact fp32 or cast to ``dtype``, with ``threads`` intra-op threads (None: as set);
+    all images at once unless a batch is given."""
     model = CastModel(model, dtype) if dtype is not None else model
 
     def predict(images, batch_size=None):
-        with tf32(False), torch.no_grad():
+        with tf32(False), torch.no_grad(), torch_threads(threads or torch.get_num_threads()):
             return predict_logits(model, images, batch_size or max(1, len(images))).cpu()
     return predict
 

@@ -25,10 +25,11 @@ def require_gpu(what):
                         f"deployment (torch-fp32, torch-fp16, torch-bf16, onnxruntime, openvino)")
 
 
-def ort_session(model, cuda=False):
+def ort_session(model, cuda=False, threads=None, optimizations="all"):
     """An ONNX Runtime session of ``model`` (a path or the file's bytes), on the CPU or on CUDA. The CUDA provider
     is asked for explicitly and nothing else: a silent fallback to the CPU would verify another arithmetic than
-    the deployment's."""
+    the deployment's. ``threads`` (intra-op) and ``optimizations`` (graph optimisation level: all | basic |
+    none) are the deployer's own settings: the deployment's jitter is measured across them."""
     ort = require("onnxruntime")
     if cuda:
         require_gpu("the onnxruntime-cuda deployment")
@@ -38,10 +39,18 @@ def ort_session(model, cuda=False):
     providers = ["CUDAExecutionProvider"] if cuda else ["CPUExecutionProvider"]
     options = ort.SessionOptions()
     options.log_severity_level = 3   # errors only: the verdict line is the output
+    if threads:
+        options.intra_op_num_threads = threads
+    options.graph_optimization_level = ORT_OPTIMIZATIONS[optimizations](ort)
     try:
         return ort.InferenceSession(model, sess_options=options, providers=providers)
     except Exception as e:   # onnxruntime raises its own exception types for an unreadable model
         raise UserError(f"ONNX Runtime cannot load the model: {first_line(e)[:200]}") from None
+
+
+ORT_OPTIMIZATIONS = {"all": lambda ort: ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+                     "basic": lambda ort: ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                     "none": lambda ort: ort.GraphOptimizationLevel.ORT_DISABLE_ALL}
 
 
 # OpenVINO's CPU plugin picks bf16 arithmetic by itself on CPUs with bf16 units (AMX, AVX512-BF16): the
@@ -49,8 +58,10 @@ def ort_session(model, cuda=False):
 OPENVINO_CONFIG = {"INFERENCE_PRECISION_HINT": "f32"}
 
 
-def openvino_model(model_bytes):
-    """The ONNX model (its bytes) compiled by OpenVINO for the CPU, in fp32."""
+def openvino_model(model_bytes, threads=None):
+    """The ONNX model (its bytes) compiled by OpenVINO for the CPU, in fp32, with ``threads`` inference threads
+    (None: OpenVINO's own choice)."""
     ov = require("openvino")
     core = ov.Core()
-    return core.compile_model(core.read_model(model_bytes, b""), "CPU", OPENVINO_CONFIG)
+    config = {**OPENVINO_CONFIG, **({"INFERENCE_NUM_THREADS": threads} if threads else {})}
+    return core.compile_model(core.read_model(model_bytes, b""), "CPU", config)

@@ -10,61 +10,77 @@ images (N, C, H, W) to CPU fp32 logits, so that verification runs in the deploym
 A trigger set is calibrated for some of them (``calibrated_for``): a verdict through another one gets a warning
 line, since its arithmetic may move triggers that sit closer to a boundary than its jitter.
 """
+import copy
 from dataclasses import dataclass
-from typing import Callable
+
+import torch
 
 from ..watermark.jitter import DEFAULT_ENVELOPE, PRECISIONS
 from .predictors import onnx_predictor, torch_predictor
-from .runtimes import openvino_model, ort_session, require_gpu
+from ..core.cli import UserError
+from .runtimes import openvino_model, ort_session, require, require_gpu
 
 
 @dataclass(frozen=True)
 class Deployment:
-    """A named deployment: ``build(model, meta)`` -> predictor; ``gpu`` when it needs one."""
-    build: Callable
+    """A named deployment: the ``runtime`` that computes it (torch, onnxruntime, openvino), the precision it computes
+    in (``dtype``, None for fp32; its machine epsilon is the floor of a jitter measured as zero) and whether it runs
+    on a GPU."""
+    runtime: str
+    dtype: torch.dtype = None
     gpu: bool = False
 
-
-def _torch(dtype, cuda=False):
-    def build(model, meta):
-        if cuda:
-            require_gpu("a torch-cuda deployment")
-            model = model.to("cuda")
-        return torch_predictor(model, dtype)
-    return build
-
-
-def _onnxruntime(cuda=False):
-    def build(model, meta):
-        from .onnx_export import export_bytes
-        if cuda:
-            require_gpu("the onnxruntime-cuda deployment")
-        return onnx_predictor(ort_session(export_bytes(model, meta), cuda=cuda))
-    return build
-
-
-def _openvino(model, meta):
-    from .onnx_export import export_bytes
-    return onnx_predictor(openvino_model(export_bytes(model, meta)))
+    @property
+    def eps(self):
+        return torch.finfo(self.dtype or torch.float32).eps
 
 
 DEPLOYMENTS = {
-    "torch-fp32": Deployment(_torch(None)),
-    "torch-fp16": Deployment(_torch(PRECISIONS["fp16"])),
-    "torch-bf16": Deployment(_torch(PRECISIONS["bf16"])),
-    "onnxruntime": Deployment(_onnxruntime()),
-    "openvino": Deployment(_openvino),
-    "torch-cuda-fp32": Deployment(_torch(None, cuda=True), gpu=True),
-    "torch-cuda-fp16": Deployment(_torch(PRECISIONS["fp16"], cuda=True), gpu=True),
-    "torch-cuda-bf16": Deployment(_torch(PRECISIONS["bf16"], cuda=True), gpu=True),
-    "onnxruntime-cuda": Deployment(_onnxruntime(cuda=True), gpu=True),
+    "torch-fp32": Deployment("torch"),
+    "torch-fp16": Deployment("torch", PRECISIONS["fp16"]),
+    "torch-bf16": Deployment("torch", PRECISIONS["bf16"]),
+    "onnxruntime": Deployment("onnxruntime"),
+    "openvino": Deployment("openvino"),
+    "torch-cuda-fp32": Deployment("torch", gpu=True),
+    "torch-cuda-fp16": Deployment("torch", PRECISIONS["fp16"], gpu=True),
+    "torch-cuda-bf16": Deployment("torch", PRECISIONS["bf16"], gpu=True),
+    "onnxruntime-cuda": Deployment("onnxruntime", gpu=True),
 }
 DEFAULT_DEPLOYMENT = "torch-fp32"
 
 
-def predictor(name, model, meta):
-    """The predictor of deployment ``name`` for a loaded checkpoint."""
-    return DEPLOYMENTS[name].build(model, meta)
+RUNTIME_MODULES = {"torch": (), "onnxruntime": ("onnx", "onnxruntime"), "openvino": ("onnx", "openvino")}
+
+
+def parse_names(values, flag="--deploy"):
+    """Deployment names from a flag's values, each one name or several joined by commas; each checked now (known,
+    its GPU present, its runtime installed), one error line before any work."""
+    names = list(dict.fromkeys(n.strip() for value in values for n in str(value).split(",") if n.strip()))
+    for name in names:
+        if name not in DEPLOYMENTS:
+            raise UserError(f"{flag}: unknown deployment {name!r}: choose from {', '.join(DEPLOYMENTS)}")
+        if DEPLOYMENTS[name].gpu:
+            require_gpu(f"{flag} {name}")
+        for module in RUNTIME_MODULES[DEPLOYMENTS[name].runtime]:
+            require(module)
+    return names
+
+
+def predictor(name, model, meta, threads=None, optimizations="all", onnx_bytes=None):
+    """The predictor of deployment ``name`` for a loaded checkpoint. ``threads`` and ``optimizations`` (ONNX Runtime's
+    graph optimisation level) are the deployer's own settings, None and "all" the runtimes' defaults; ``onnx_bytes``
+    reuses an export already made of ``model``."""
+    deployment = DEPLOYMENTS[name]
+    if deployment.gpu:
+        require_gpu(f"the {name} deployment")
+    if deployment.runtime == "torch":
+        on_gpu = deployment.gpu and next(model.parameters()).device.type != "cuda"
+        return torch_predictor(copy.deepcopy(model).to("cuda") if on_gpu else model, deployment.dtype, threads)
+    from .onnx_export import export_bytes
+    data = onnx_bytes if onnx_bytes is not None else export_bytes(model, meta)
+    if deployment.runtime == "onnxruntime":
+        return onnx_predictor(ort_session(data, cuda=deployment.gpu, threads=threads, optimizations=optimizations))
+    return onnx_predictor(openvino_model(data, threads=threads))
 
 
 # The envelope entries trigger metadata has always recorded, and the deployments each one calibrated.

@@ -2,8 +2,10 @@
 every harmless change.
 
 ``eval.py --attack benign`` runs, on a deployed trigger set, every setting of the deployment envelope
-(fragile.watermark.jitter) and records per setting the label flips against the key (``detected`` true means
-a FALSE ALARM), the largest logit jitter against the reference and the smallest top-1 margin.
+(fragile.watermark.jitter), or every harmless change within each named deployment (fragile.deploy.arithmetic:
+``--deployment NAME``, or the deployments the triggers were calibrated in), and records per setting the label
+flips against the key (``detected`` true means a FALSE ALARM), the largest logit jitter against the reference
+and the smallest top-1 margin.
 """
 from dataclasses import dataclass, field
 
@@ -11,8 +13,9 @@ import torch
 
 from ..core.cli import UserError
 from ..core.devices import tf32
-from ..watermark.jitter import (DEFAULT_BATCH_SIZES, DEFAULT_ENVELOPE, benign_settings, max_abs_jitter,
-                                reference_logits, resolve_envelope)
+from ..deploy.arithmetic import arithmetic, within_settings
+from ..watermark.jitter import (DEFAULT_BATCH_SIZES, DEFAULT_ENVELOPE, ENVELOPE_ENTRIES, benign_settings,
+                                max_abs_jitter, reference_logits, resolve_envelope)
 from ..watermark.trigger_io import load_triggers
 from ..watermark.queries import query_labels, top2_margins
 from . import records
@@ -75,6 +78,8 @@ def summarize_benign(matrix):
 class BenignParams:
     batch_sizes: list = field(default_factory=lambda: [1, 16])   # compared with all triggers at once
     envelope: list = field(default_factory=list)   # settings covered; empty: the triggers' own envelope
+    deployment: str = ""   # run within this named deployment instead (empty: within those the triggers were
+                           # calibrated in, if any and no envelope is given)
 
 
 def tensor_alternative(ctx):
@@ -99,9 +104,37 @@ def matrix_envelope(ctx, p):
     return envelope
 
 
+def matrix_deployments(ctx, p):
+    """The named deployments the matrix runs within: ``p.deployment``, else (unless an envelope was asked for) the
+    deployments the triggers were calibrated in (generate_samples.py --deploy); none: the envelope matrix."""
+    if p.deployment or p.envelope:
+        return [p.deployment] if p.deployment else []
+    return list(ctx.deployment.trigger_meta.get("deployments") or [])
+
+
+def deployment_records(model, triggers, key, names, model_meta, batch_sizes=DEFAULT_BATCH_SIZES, max_mismatches=0):
+    """The matrix within each named deployment: its reference (all triggers at once, the runtime's defaults) and
+    each harmless change of its own configuration (fragile.deploy.arithmetic), labels and jitter in its own
+    arithmetic. ``envelope_entry`` is the deployment's name, so summarize_benign reports false alarms per
+    deployment."""
+    key, rows = torch.as_tensor(key).cpu(), []
+    for name in names:
+        arith = arithmetic(name, model, model_meta)
+        reference = arith.predict(triggers.cpu())
+        rows.append(_record(f"{name}: reference (all at once)", "protocol", name, reference, reference, key,
+                            max_mismatches))
+        rows += [_record(f"{name}: {setting}", "protocol", name, logits, reference, key, max_mismatches)
+                 for setting, logits in within_settings(arith, triggers.cpu(), batch_sizes)]
+    return rows
+
+
 def benign_run_records(ctx, p):
-    """The matrix on eval.py's context and trigger set."""
+    """The matrix on eval.py's context and trigger set: within named deployments, or across the envelope."""
     probe = ctx.probe
+    names = matrix_deployments(ctx, p)
+    if names:
+        return deployment_records(ctx.model, probe.triggers, probe.key, names, ctx.deployment.model_meta,
+                                  p.batch_sizes or DEFAULT_BATCH_SIZES, probe.max_mismatches)
     return benign_records(ctx.model, probe.triggers, probe.key, p.batch_sizes or DEFAULT_BATCH_SIZES,
                           ctx.deployment.model_meta, tensor_alternative(ctx), probe.max_mismatches,
                           matrix_envelope(ctx, p))
@@ -115,7 +148,8 @@ def run_benign(ctx, p, seed):
         ctx.log(f"  {r['setting']:<45} flipped {r['flipped']:>3}  jitter {r['max_logit_jitter']:.2e}"
                 + ("  FALSE ALARM" if r["detected"] else ""))
     for entry, s in summary["per_entry"].items():
-        ctx.log(f"  envelope entry {entry:<14} {s['false_alarms']} false alarms in {s['settings']} settings, "
+        what = f"envelope entry {entry:<14}" if entry in ENVELOPE_ENTRIES else f"deployment {entry:<18}"
+        ctx.log(f"  {what} {s['false_alarms']} false alarms in {s['settings']} settings, "
                 f"largest jitter {s['max_logit_jitter']:.2e}")
     delta = ctx.deployment.trigger_meta.get("delta")
     ctx.log(f"  {summary['false_alarms']} false alarms in {summary['settings']} settings; largest jitter "

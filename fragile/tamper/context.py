@@ -16,6 +16,7 @@ import torch
 from ..core.data import Split
 from ..core.training import accuracy
 from ..core.weights import state_changed
+from ..deploy.targets import predictor
 from ..watermark import robust
 from ..watermark.queries import queries_to_detection, query_labels
 from . import records
@@ -55,7 +56,8 @@ class PoisonParams:
 class Probe:
     """The watermark as a verifier sees it, measured on any copy of the model: the triggers (uint8, on the
     device), the key (int64, on the CPU), the tolerance, the recorded query order (most fragile first), the
-    clean test split, and the robust watermark's trigger set when the checkpoint carries one."""
+    clean test split, the robust watermark's trigger set when the checkpoint carries one, and the named
+    ``deployment`` whose arithmetic labels the triggers (fragile.deploy.targets; empty: torch fp32)."""
     triggers: torch.Tensor
     key: torch.Tensor
     test: Split
@@ -63,12 +65,17 @@ class Probe:
     eval_batch_size: int = 1024
     query_order: list = None
     backdoor: dict = None
+    deployment: str = ""
+    model_meta: dict = None
 
     @property
     def num_triggers(self):
         return len(self.key)
 
     def flipped_mask(self, model):
+        if self.deployment:   # the copy as that deployment computes it (an ONNX one: exported afresh)
+            logits = predictor(self.deployment, model, self.model_meta)(self.triggers.cpu())
+            return logits.argmax(1) != self.key
         return query_labels(model, self.triggers) != self.key
 
     def state(self, model):

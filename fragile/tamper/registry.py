@@ -8,7 +8,7 @@ parameters with their defaults, its perturbation, its run) and one line here (do
 from collections import namedtuple
 
 from ..core.cli import UserError
-from . import (benign, compare, compression, fine_prune, finetune, layers, obfuscate, one_sample, perturbation,
+from . import (benign, compare, compression, fine_prune, finetune, layers, limit, obfuscate, one_sample, perturbation,
                restore, shift)
 
 Attack = namedtuple("Attack", "run params")
@@ -32,6 +32,7 @@ ATTACKS = {
 EXPERIMENTS = {   # they tamper with nothing themselves: they run attacks, or none, and measure
     "benign": Attack(benign.run_benign, benign.BenignParams),
     "compare": Attack(compare.run_comparison, compare.CompareParams),
+    "limit": Attack(limit.run_limit, limit.LimitParams),
 }
 RUNNABLE = {**ATTACKS, **EXPERIMENTS}
 DATA_PARALLEL = ("finetune", "poison")   # the attacks that run under torchrun

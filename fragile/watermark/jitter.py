@@ -220,9 +220,10 @@ def measure_jitter(model, images, batch_sizes=DEFAULT_BATCH_SIZES, model_meta=No
             "envelope": list(resolve_envelope(envelope))}
 
 
-def calibrate_delta(jitter, safety_factor):
-    """delta = safety factor x max(measured jitter, a few fp32 ulps of the largest logit)."""
+def calibrate_delta(jitter, safety_factor, eps=torch.finfo(torch.float32).eps):
+    """delta = safety factor x max(measured jitter, a few ulps of the largest logit), ulps of the arithmetic whose
+    machine epsilon is ``eps`` (fp32's unless a deployment computes in half precision)."""
     if safety_factor < 1:
         raise UserError(f"the delta safety factor must be at least 1 (got {safety_factor})")
-    ulp_floor = ULP_FLOOR_FACTOR * torch.finfo(torch.float32).eps * max(1.0, jitter["logit_scale"])
+    ulp_floor = ULP_FLOOR_FACTOR * eps * max(1.0, jitter["logit_scale"])
     return safety_factor * max(jitter["max"], ulp_floor)

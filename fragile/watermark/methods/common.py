@@ -26,6 +26,7 @@ class TriggerJob:
     train: Split = None
     progress: bool = False
     log: callable = print
+    deployments: tuple = ()         # named deployments (fragile.deploy.arithmetic) margin triggers are calibrated in
 
 
 def key_margins(logits, key):

@@ -6,14 +6,15 @@ while the owner's own fine-tuned copies of the model (surrogates.py) put another
 straight-through 8-bit Adam, then by single-pixel moves on the 8-bit grid. Of several candidates per key
 entry, the one off its key on the most surrogates and, among those, flipped most often by random weight
 noise is kept. The deployed model is never changed. Read top to bottom: parameters, delta, starts, the
-band, the continuous phase, the grid phase, selection, and ``generate``, which runs them in that order.
+continuous phase, selection, and ``generate``, which runs them in order with the band and the grid phase of
+margin_grid.py. With named deployments (``job.deployments``: generate_samples.py --deploy), margin_deploy.py
+calibrates a delta in each from its own jitter and puts every trigger in each one's band.
 """
 import dataclasses
 import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from ...core.cli import UserError
 from ...core.data import to_float
@@ -23,6 +24,8 @@ from ..trigger_io import quantize, straight_through_quantize
 from . import paper
 from .common import key_margins, natural_starts, psnr_summary
 from .fragility import SELECTION_SEED, FragilityParams, estimated_flip_rate
+from .margin_deploy import deployment_deltas, deployment_grid_phase, deployment_stats, valid_in_all
+from .margin_grid import band_limits, describe_margins, grid_margin_phase, grid_score
 from .paper import PaperParams
 from .surrogates import SurrogateParams, fine_tuned_surrogates, surrogate_flip_fraction, surrogate_hinge
 
@@ -73,47 +76,6 @@ def margin_starts(job, p):
     if p.start == "paper":
         return paper.generate(job, p.paper)[0]
     raise UserError(f"unknown margin start {p.start!r}: choose natural, noise or paper")
-
-
-# ----------------------------------------------------------------------------- the band
-# Every other class between delta and band x delta below the key class on the deployed model: close enough
-# that tampering moves it across, far enough that no benign change does. Scores, checks and statistics of
-# where a trigger sits relative to that band; both phases below minimise ``grid_score``.
-
-INVALID = 1e9   # any 8-bit image with a margin below the band's floor scores worse than every valid one
-
-
-def band_limits(delta, band):
-    """The band optimised for: [1.25 delta, band x delta]. The quarter delta of headroom absorbs the jitter
-    between the batches margins are measured in here and the all-at-once export check."""
-    return 1.25 * delta, band * delta
-
-
-def band_scores(margins, low, high, delta):
-    """Per trigger: (violation, excess) in units of delta. The violation is how far margins fall below
-    ``low`` (a false alarm waiting to happen), the excess sum_j log(1 + (m_j - high) / delta) over margins
-    above ``high`` (a less sensitive trigger): logarithmic, so a margin of 10 and one of 10 delta both
-    count. ``margins`` is (..., K) with +inf in the key column (ignored)."""
-    finite = torch.isfinite(margins)
-    m = torch.where(finite, margins, torch.full_like(margins, high)).double()  # INVALID + v needs float64
-    violation = (F.relu(low - m) / delta).sum(-1)
-    excess = torch.log1p(F.relu(m - high) / delta).sum(-1)
-    return violation, excess
-
-
-def grid_score(margins, low, high, delta):
-    """Lexicographic: valid triggers by their excess; invalid ones, all worse, by their violation."""
-    violation, excess = band_scores(margins, low, high, delta)
-    return torch.where(violation > 0, INVALID + violation, excess)
-
-
-def describe_margins(margins, delta, high):
-    finite = torch.where(torch.isfinite(margins), margins, torch.full_like(margins, math.nan))
-    runner_up = margins.min(1).values
-    in_band = ((finite >= delta) & (finite <= high)).sum(1).float()
-    return (f"runner-up margin median {runner_up.median().item():.2e} (min {runner_up.min().item():.2e}), "
-            f"classes in band {in_band.mean().item():.1f}/{margins.shape[1] - 1}, "
-            f"on key {int((runner_up > 0).sum())}/{len(runner_up)}")
 
 
 # ----------------------------------------------------------------------------- continuous phase: straight-through Adam
@@ -174,100 +136,6 @@ def continuous_margin_phase(model, starts, key, delta, p, device, log, surrogate
     return quantize(x), best
 
 
-# ----------------------------------------------------------------------------- grid phase: +-1 moves on the 8-bit grid
-# Greedy single-pixel +-1 moves (and compounds of the best ones), ranked by the linearised margins and each
-# evaluated exactly, until every margin sits in the band: what is optimised is the uint8 image that is exported.
-
-def margin_jacobian(model, images, key):
-    """Margins (N, K) of uint8 ``images`` and their Jacobian (N, K, pixels) per 0..255 level."""
-    x = to_float(images).requires_grad_(True)
-    logits = model(x)
-    rows = [torch.autograd.grad(logits[:, c].sum(), x, retain_graph=c < logits.shape[1] - 1)[0].flatten(1)
-            for c in range(logits.shape[1])]  # samples are independent (eval mode): one pass per class
-    # d/dx is per unit of [0, 1]; one 8-bit level is 1/255 of that. Margin j = logit[key] - logit[j].
-    jac = torch.stack(rows, 1) / 255
-    jac = jac.gather(1, key[:, None, None].expand(-1, 1, jac.shape[2])) - jac
-    return key_margins(logits.detach(), key), jac
-
-
-def candidate_moves(images, margins, jac, low, high, delta, count):
-    """The ``count`` single-pixel +-1 moves per image with the best objective predicted by the linearised
-    margins, plus compound moves (the best 2, 4, 8 and 16 applied together) that cover ground faster.
-
-    Returns a list of (flat pixel indices, signs) pairs per image."""
-    flat = images.flatten(1).long()
-    pixels = flat.shape[1]
-    # first order: a +1 move of pixel i shifts every margin by jac[:, :, i], a -1 move by minus that
-    predicted = torch.cat([margins[:, :, None] + jac, margins[:, :, None] - jac], 2)  # (N, K, 2P)
-    objective = grid_score(predicted.transpose(1, 2), low, high, delta)               # (N, 2P)
-    at_edge = torch.cat([flat >= 255, flat <= 0], 1)
-    objective = objective.masked_fill(at_edge, math.inf)
-    order = objective.argsort(1)[:, :max(count, 16)]
-    moves = []
-    for row in order:
-        pix, sign = row % pixels, torch.where(row < pixels, 1, -1)
-        single = [(pix[i:i + 1], sign[i:i + 1]) for i in range(count)]
-        compound = []
-        for size in (2, 4, 8, 16):
-            unique, first = _first_per_pixel(pix[:size])
-            compound.append((unique, sign[:size][first]))
-        moves.append(single + compound)
-    return moves
-
-
-def _first_per_pixel(pixels):
-    """Distinct pixels in order of first appearance, and where each first appears (a +1 and a -1 move of the
-    same pixel must not both be applied)."""
-    seen, unique, first = set(), [], []
-    for i, p in enumerate(pixels.tolist()):
-        if p not in seen:
-            seen.add(p)
-            unique.append(p)
-            first.append(i)
-    return torch.tensor(unique, device=pixels.device), torch.tensor(first, device=pixels.device)
-
-
-def apply_moves(images, moves):
-    """One candidate image per (image, move): uint8 (N * moves per image, C, H, W)."""
-    out = []
-    for image, image_moves in zip(images, moves):
-        base = image.flatten().long()
-        for pixels, signs in image_moves:
-            candidate = base.clone()
-            candidate[pixels] += signs
-            out.append(candidate.clamp(0, 255))
-    return torch.stack(out).to(torch.uint8).view(-1, *images.shape[1:])
-
-
-def grid_margin_phase(model, images, key, delta, band, rounds, count, device, log):
-    """Greedy moves on the 8-bit grid: each of ``rounds`` rounds, every trigger takes the exactly evaluated best
-    of its ``count`` candidate moves (ranked by the linearised margins) if that lowers the band penalty. What is
-    optimised here is exactly the uint8 image that will be exported."""
-    low, high = band_limits(delta, band)
-    images = images.clone().to(device)
-    active = torch.ones(len(key), dtype=torch.bool, device=device)
-    for round_ in range(rounds + 1):
-        idx = torch.nonzero(active).flatten()
-        if len(idx) == 0:
-            break
-        margins, jac = margin_jacobian(model, images[idx], key[idx])
-        current = grid_score(margins, low, high, delta)
-        if round_ % 25 == 0:
-            log(f"grid round {round_}: {describe_margins(margins, delta, high)} ({len(idx)} triggers still moving)")
-        moves = candidate_moves(images[idx], margins, jac, low, high, delta, count)
-        per_image = len(moves[0])
-        candidates = apply_moves(images[idx], moves)
-        with torch.no_grad():
-            cand_margins = key_margins(predict_logits(model, candidates, 4096), key[idx].repeat_interleave(per_image))
-        cand_obj = grid_score(cand_margins, low, high, delta).view(len(idx), per_image)
-        best_obj, best = cand_obj.min(1)
-        improves = best_obj < current - 1e-6
-        images[idx[improves]] = candidates.view(len(idx), per_image, *images.shape[1:])[improves, best[improves]]
-        # finished (every margin in the band) or stuck (no move helps): as good as the grid gets here
-        active[idx[~improves | (best_obj <= 0)]] = False
-    return images
-
-
 # ----------------------------------------------------------------------------- selection and statistics
 
 def keep_valid(model, images, fallback, key, delta):
@@ -280,19 +148,21 @@ def keep_valid(model, images, fallback, key, delta):
     return images
 
 
-def select_most_fragile(model, candidates, key, pool, delta, p, surrogates=()):
+def select_most_fragile(model, candidates, key, pool, delta, p, surrogates=(), valid=None):
     """Of the ``pool`` candidates made for each key entry (entry i's are i, i + n, i + 2n, ...), keep the
-    valid one (every margin >= delta) that is off its key on the most surrogates and, among those, that
-    random weight noise flips most often. Returns (choice, noise flip rate, surrogate flip fraction)."""
+    valid one (every margin >= delta; or as ``valid`` says, in the named deployments) that is off its key on
+    the most surrogates and, among those, that random weight noise flips most often. Returns (choice, noise
+    flip rate, surrogate flip fraction)."""
     n = len(key) // pool
-    with torch.no_grad():
-        runner_up = key_margins(predict_logits(model, candidates, len(candidates)), key).min(1).values.cpu()
+    if valid is None:
+        with torch.no_grad():
+            valid = key_margins(predict_logits(model, candidates, len(candidates)), key).min(1).values.cpu() >= delta
     rate = estimated_flip_rate(model, candidates, key, p.fragility.noise_sigma, p.fragility.select_draws,
                                SELECTION_SEED + p.control_seed)
     off_key = surrogate_flip_fraction(surrogates, candidates, key)
     # Both fractions lie in [0, 1]: weighted 2:1, one more surrogate off key is worth at least any difference in
     # noise flip rate while there are at most two surrogates (the default). An invalid candidate (-1) never wins.
-    score = torch.where(runner_up >= delta, 2 * off_key + rate, torch.full_like(rate, -1.0)).view(pool, n)
+    score = torch.where(valid.cpu(), 2 * off_key + rate, torch.full_like(rate, -1.0)).view(pool, n)
     choice = score.argmax(0) * n + torch.arange(n)
     return choice, rate, off_key
 
@@ -321,16 +191,25 @@ def generate(job, p):
     pooled_key = list(job.key) * pool
     starts = margin_starts(dataclasses.replace(job, key=pooled_key), p)
     jitter, delta = benign_delta(model, starts, p.envelope, p.safety, device, log)
+    deployed, valid = job.deployments, None
+    if deployed:   # calibrated in each named deployment: the phases in torch fp32 aim at the widest band of them
+        deltas = deployment_deltas(deployed, starts, p.safety, log)
+        delta = max(delta, *(c["delta"] for c in deltas.values()))
     key_t = torch.tensor(pooled_key, device=device)
     surrogates = fine_tuned_surrogates(model, job.train, job.spec, p.surrogates, device, log)
     images, fallback = continuous_margin_phase(model, starts, key_t, delta, p, device, log, surrogates)
     images = grid_margin_phase(model, images, key_t, delta, band, p.grid_rounds, p.candidates, device, log)
     images = keep_valid(model, images, fallback, key_t, delta)
-    choice, rate, off_key = select_most_fragile(model, images, key_t, pool, delta, p, surrogates)
+    if deployed:   # then on the 8-bit grid again, every candidate measured in every named deployment
+        images = deployment_grid_phase(model, images, key_t, deployed, deltas, p, device, log)
+        valid = valid_in_all(deployed, deltas, images, key_t)
+    choice, rate, off_key = select_most_fragile(model, images, key_t, pool, delta, p, surrogates, valid)
     images, starts, key_t = images[choice], starts[choice.to(starts.device)], key_t[choice.to(device)]
     final_jitter = measure_jitter(model, images, envelope=p.envelope)
     stats = margin_stats(model, images, key_t, delta, band, device)
-    if stats["runner_up_min"] < delta:
+    if deployed:
+        deployments = deployment_stats(deployed, deltas, images, key_t, band)   # refuses a trigger off its band
+    elif stats["runner_up_min"] < delta:
         raise UserError(f"a margin trigger ended {stats['runner_up_min']:.2e} above its runner-up, below delta "
                         f"{delta:.2e}: raise --margin-grid-rounds or --margin-steps")
     stats.update(estimated_flip_rate_kept=rate[choice].mean().item(), estimated_flip_rate_all=rate.mean().item(),
@@ -344,6 +223,8 @@ def generate(job, p):
             "benign_jitter": jitter, "benign_jitter_on_triggers": final_jitter, "margins": stats,
             "start": p.start, "pool": pool, "selection_noise_sigma": p.fragility.noise_sigma,
             "surrogates": dataclasses.asdict(p.surrogates)}
+    if deployed:
+        meta.update(deployments=[a.name for a in deployed], deployment_calibration=deployments)
     if p.start == "natural":
         meta["psnr_to_start"] = psnr_summary(images, starts)
     return images.cpu(), {"start_images": starts.cpu(), "meta": meta}
