@@ -116,6 +116,20 @@ def trajectories(watermarked, tmp_path_factory):
             "loaded": {a: json.load(open(p)) for a, p in paths.items()}}
 
 
+def tiny_model():
+    """A tiny untrained resnet8 on synthetic data in eval mode and the metadata a checkpoint of it would carry
+    (enough for every named deployment, the ONNX ones included); the same weights on every call."""
+    from fragile.core.data import DATASETS
+    from fragile.core.io import model_sha256
+    from models import build_classifier
+    spec = DATASETS["synthetic"]
+    torch.manual_seed(0)
+    model = build_classifier("resnet8", spec).eval()
+    meta = {"arch": "resnet8", "dataset": "synthetic", "num_classes": spec.num_classes,
+            "input_shape": list(spec.shape), "weights_sha256": model_sha256(model)}
+    return model, meta
+
+
 # ----------------------------------------------------------------------------- parameters, built directly
 
 def paper_params(**changes):

@@ -77,9 +77,16 @@ def check_same_model(results_list):
 
 
 def method_label(results):
-    """The method, and its deployment envelope when it is not the default (one method, several envelopes)."""
-    envelope = results.get("envelope") or ["exact"]
-    return results["method"] if list(envelope) == ["exact"] else f"{results['method']} [{'+'.join(envelope)}]"
+    """The method; what its triggers were calibrated for when not the default (an envelope, or ``deploy`` and the
+    named deployments); and ``@ deployment`` when the labels were computed in one (eval.py --deployment)."""
+    envelope, deployments = results.get("envelope") or ["exact"], results.get("deployments")
+    label = results["method"]
+    if deployments:
+        label += f" [deploy {'+'.join(deployments)}]"
+    elif list(envelope) != ["exact"]:
+        label += f" [{'+'.join(envelope)}]"
+    verified = results.get("settings", {}).get("run", {}).get("deployment")
+    return label + (f" @ {verified}" if verified else "")
 
 
 def _method_key(results):

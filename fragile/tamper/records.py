@@ -163,6 +163,7 @@ def results_record(attack, method, model_path, model_meta, watermark_meta, num_t
     """A whole results file (eval.py writes one per run of an attack over its seeds)."""
     return {"schema": SCHEMA, "attack": attack, "model": model_path, "arch": model_meta["arch"],
             "dataset": model_meta["dataset"], "method": method, "envelope": watermark_meta.get("envelope", ["exact"]),
+            "deployments": watermark_meta.get("deployments"),
             "weights_sha256": model_meta["weights_sha256"], "num_triggers": num_triggers, "settings": settings,
             "config": config, "versions": versions, "device": device, "world_size": world_size,
             "wall_time_s": wall_time_s, "runs": runs}

@@ -6,9 +6,9 @@ import sys
 import pytest
 import torch
 
+from conftest import tiny_model
 from fragile.core.cli import UserError
 from fragile.core.data import DATASETS, Split
-from fragile.core.io import model_sha256
 from fragile.deploy import arithmetic as arith_mod
 from fragile.deploy import targets
 from fragile.deploy.onnx_export import check_images
@@ -23,12 +23,8 @@ from models import build_classifier
 
 @pytest.fixture(scope="module")
 def tiny():
-    spec = DATASETS["synthetic"]
-    torch.manual_seed(0)
-    model = build_classifier("resnet8", spec).eval()
-    meta = {"arch": "resnet8", "dataset": "synthetic", "num_classes": spec.num_classes,
-            "input_shape": list(spec.shape), "weights_sha256": model_sha256(model)}
-    return model, meta, check_images(spec.shape, 24)
+    model, meta = tiny_model()
+    return model, meta, check_images(list(meta["input_shape"]), 24)
 
 
 # ----------------------------------------------------------------------------- within a deployment

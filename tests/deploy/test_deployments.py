@@ -6,22 +6,16 @@ import sys
 import pytest
 import torch
 
+from conftest import tiny_model
 from fragile.core.cli import UserError
-from fragile.core.data import DATASETS
-from fragile.core.io import model_sha256
 from fragile.deploy import runtimes, targets
 from fragile.deploy.onnx_export import EXPORT_RTOL, check_images
-from models import build_classifier
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    spec = DATASETS["synthetic"]
-    torch.manual_seed(0)
-    model = build_classifier("resnet8", spec).eval()
-    meta = {"arch": "resnet8", "dataset": "synthetic", "num_classes": spec.num_classes,
-            "input_shape": list(spec.shape), "weights_sha256": model_sha256(model)}
-    images = check_images(spec.shape, 16)
+    model, meta = tiny_model()
+    images = check_images(list(meta["input_shape"]), 16)
     return model, meta, images, targets.predictor("torch-fp32", model, meta)(images)
 
 
