@@ -10,7 +10,8 @@ none is named):
     triggers and classes, median over ``trials`` draws, exact fp32) equals that resolution;
   - for each sigma of ``sigmas``, ``trials`` noisy copies labelled in the deployment: how many are detected;
   - ``smallest_sigma_detected``: the smallest sigma detected in at least ``detect_fraction`` of its trials (19 of 20),
-    and ``ratio_to_limit``, that sigma over sigma_at_jitter.
+    and ``ratio_to_limit``, that sigma over sigma_at_jitter; none where the untouched model already fails in the
+    deployment (``untouched_detected``: a false alarm, the triggers were not made for it).
 
 Why sigma_at_jitter is a limit: noise that moves no trigger logit further than the deployment's own jitter leaves every
 label where a harmless change of the deployment could leave it, so a verifier that flagged it would also flag benign
@@ -89,14 +90,19 @@ def run_limit(ctx, p, seed):
     ctx.log(f"  {name}: jitter on the triggers {jitter['max']:.2e}, resolution {resolution:.2e}; noise sigma "
             f"{p.reference_sigma:g} moves a trigger logit by {effect:.2e} (median): sigma at the jitter "
             + (f"{sigma_at_jitter:.2e}" if sigma_at_jitter else "unmeasured (no logit moved)"))
+    untouched = ctx.probe.state(ctx.model)
+    if untouched["detected"]:   # a false alarm on the untouched model: no sweep can say anything here
+        ctx.log(f"  the untouched model already fails in {name} ({untouched['flipped']} triggers off their key): "
+                f"these triggers were not made for it, there is no limit to measure")
     rows = detection_sweep(ctx, p, seed)
     for sigma in p.sigmas:
         same = [r for r in rows if r["sigma"] == sigma]
         ctx.log(f"    noise sigma {sigma:g}: detected in {sum(r['detected'] for r in same)}/{len(same)}")
-    smallest = smallest_detected(rows, p.sigmas, p.detect_fraction)
+    smallest = None if untouched["detected"] else smallest_detected(rows, p.sigmas, p.detect_fraction)
     ratio = smallest / sigma_at_jitter if smallest and sigma_at_jitter else None
     ctx.log(f"  smallest sigma detected in {p.detect_fraction:.0%} of trials: "
             + (f"{smallest:g}, {ratio:.1f}x the limit" if smallest else "none of the sweep"))
-    return records.run_record(seed, rows, deployment=name, jitter=jitter["max"],
+    return records.run_record(seed, rows, deployment=name, untouched_flipped=untouched["flipped"],
+                              untouched_detected=untouched["detected"], jitter=jitter["max"],
                               jitter_per_setting=jitter["per_setting"], resolution=resolution, noise_effect=effect, sigma_at_jitter=sigma_at_jitter,
                               smallest_sigma_detected=smallest, ratio_to_limit=ratio), None

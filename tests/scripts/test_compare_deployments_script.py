@@ -14,7 +14,7 @@ from conftest import ROOT
 pytestmark = pytest.mark.integration
 
 SHORT = ("--method margin --num-triggers 8 --margin-steps 30 --margin-grid-rounds 40 --margin-surrogates 0 "
-         "--margin-select-draws 4")
+         "--margin-select-draws 4 --margin-pool 1")
 EVAL = ["--train-subset", "100", "--test-subset", "100", "--batch-size", "50", "--compare-trials", "2",
         "--limit-sigmas", "1e-9", "1", "--limit-trials", "2"]
 
