@@ -16,27 +16,11 @@
 # GENERATE_FLAGS (extra generate_samples.py flags, e.g. a short run for a smoke test).
 set -euo pipefail
 
-if [ $# -lt 2 ]; then
-    echo "usage: $0 MODEL.pt RESULTS_DIR [extra eval.py flags ...]" >&2
-    exit 2
-fi
-MODEL=$1
-RESULTS=$2
+# shellcheck source=scripts/compare_common.sh
+source "$(dirname "$0")/compare_common.sh"
 shift 2
-cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-.venv/bin/python}
-DEVICE=${DEVICE:-cpu}
-NUM_TRIGGERS=${NUM_TRIGGERS:-100}
-KEY_SEED=${KEY_SEED:-0}
 DEPLOYMENTS=${DEPLOYMENTS:-"onnxruntime torch-bf16 openvino"}
 ENVELOPES=${ENVELOPES:-"exact|exact fp16 bf16"}
-
-if [ ! -f "$MODEL" ]; then
-    echo "error: checkpoint not found: $MODEL (train one with train.py first)" >&2
-    exit 2
-fi
-STEM=${MODEL%.pt}
-mkdir -p "$RESULTS"
 
 # shellcheck disable=SC2086
 generate() {  # generate NAME FLAGS...: a margin set next to the checkpoint, unless present

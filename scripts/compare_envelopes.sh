@@ -14,28 +14,13 @@
 # NUM_TRIGGERS (100), KEY_SEED (0), ENVELOPES, WIDE_ENVELOPE, REGENERATE=1 to remake existing sets.
 set -euo pipefail
 
-if [ $# -lt 2 ]; then
-    echo "usage: $0 MODEL.pt RESULTS_DIR [extra eval.py flags ...]" >&2
-    exit 2
-fi
-MODEL=$1
-RESULTS=$2
+# shellcheck source=scripts/compare_common.sh
+source "$(dirname "$0")/compare_common.sh"
 shift 2
-cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-.venv/bin/python}
-DEVICE=${DEVICE:-cpu}
 METHOD=${METHOD:-margin}
-NUM_TRIGGERS=${NUM_TRIGGERS:-100}
-KEY_SEED=${KEY_SEED:-0}
 ENVELOPES=${ENVELOPES:-"exact|exact fp16|exact fp16 bf16"}
 WIDE_ENVELOPE=${WIDE_ENVELOPE:-"exact fp16 bf16"}
 
-if [ ! -f "$MODEL" ]; then
-    echo "error: checkpoint not found: $MODEL (train one with train.py first)" >&2
-    exit 2
-fi
-STEM=${MODEL%.pt}
-mkdir -p "$RESULTS"
 FILES=()
 IFS='|' read -r -a LIST <<< "$ENVELOPES"
 for envelope in "${LIST[@]}"; do

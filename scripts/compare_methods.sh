@@ -13,26 +13,10 @@
 # GENERATOR_RECIPE (default fast, the generator the documented comparison used; paper for the paper's own).
 set -euo pipefail
 
-if [ $# -lt 2 ]; then
-    echo "usage: $0 MODEL.pt RESULTS_DIR [extra eval.py flags ...]" >&2
-    exit 2
-fi
-MODEL=$1
-RESULTS=$2
+# shellcheck source=scripts/compare_common.sh
+source "$(dirname "$0")/compare_common.sh"
 shift 2
-cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-.venv/bin/python}
-DEVICE=${DEVICE:-cpu}
-NUM_TRIGGERS=${NUM_TRIGGERS:-100}
-KEY_SEED=${KEY_SEED:-0}
 METHODS=${METHODS:-"paper random natural ftg margin"}
-
-if [ ! -f "$MODEL" ]; then
-    echo "error: checkpoint not found: $MODEL (train one with train.py first)" >&2
-    exit 2
-fi
-STEM=${MODEL%.pt}
-mkdir -p "$RESULTS"
 
 for method in $METHODS; do
     if [ -n "${REGENERATE:-}" ] || [ ! -f "${STEM}_triggers_${method}/triggers.pt" ]; then
