@@ -18,7 +18,7 @@ pytestmark = pytest.mark.integration
 
 DEPLOY = ["onnxruntime", "torch-bf16"]
 SMALL_MARGIN = ("--method", "margin", "--num-triggers", 8, "--key-seed", 1, "--margin-steps", 40,
-                "--margin-grid-rounds", 60, "--margin-surrogates", 0, "--margin-select-draws", 4, "--margin-pool", 1,
+                "--margin-grid-rounds", 80, "--margin-surrogates", 0, "--margin-select-draws", 4, "--margin-pool", 2,
                 "--device", "cpu", "--no-progress")
 
 
