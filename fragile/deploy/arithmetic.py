@@ -11,12 +11,11 @@ margins are measured in bf16 and kept above bf16's own jitter stay on their key 
     jitter = arith.jitter(images)                   # {"per_setting", "max", "logit_scale", "deployment"}
     delta = calibrate_delta(jitter, safety, arith.eps)
 """
-import copy
 import os
 from dataclasses import dataclass
 from typing import Callable
 
-from ..watermark.jitter import DEFAULT_BATCH_SIZES, max_abs_jitter
+from ..watermark.jitter import DEFAULT_BATCH_SIZES, channels_last_copy, max_abs_jitter
 from .targets import DEPLOYMENTS, predictor
 
 
@@ -50,17 +49,12 @@ def arithmetic(name, model, meta):
         found = [(f"{t} thread{'s' if t > 1 else ''}", predictor(name, model, meta, threads=t, onnx_bytes=onnx_bytes))
                  for t in threads]
         if deployment.runtime == "torch":
-            found.append(("channels_last", predictor(name, _channels_last(model), meta)))
+            found.append(("channels_last", predictor(name, channels_last_copy(model), meta)))
         if deployment.runtime == "onnxruntime":
             found += [(f"graph optimizations {level}", predictor(name, model, meta, optimizations=level,
                                                                  onnx_bytes=onnx_bytes)) for level in ("basic", "none")]
         return found
     return Arithmetic(name, predictor(name, model, meta, onnx_bytes=onnx_bytes), variants, deployment.eps)
-
-
-def _channels_last(model):
-    import torch
-    return copy.deepcopy(model).to(memory_format=torch.channels_last)
 
 
 def within_settings(arith, images, batch_sizes=DEFAULT_BATCH_SIZES):

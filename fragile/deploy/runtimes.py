@@ -41,16 +41,14 @@ def ort_session(model, cuda=False, threads=None, optimizations="all"):
     options.log_severity_level = 3   # errors only: the verdict line is the output
     if threads:
         options.intra_op_num_threads = threads
-    options.graph_optimization_level = ORT_OPTIMIZATIONS[optimizations](ort)
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, ORT_OPTIMIZATIONS[optimizations])
     try:
         return ort.InferenceSession(model, sess_options=options, providers=providers)
     except Exception as e:   # onnxruntime raises its own exception types for an unreadable model
         raise UserError(f"ONNX Runtime cannot load the model: {first_line(e)[:200]}") from None
 
 
-ORT_OPTIMIZATIONS = {"all": lambda ort: ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-                     "basic": lambda ort: ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-                     "none": lambda ort: ort.GraphOptimizationLevel.ORT_DISABLE_ALL}
+ORT_OPTIMIZATIONS = {"all": "ORT_ENABLE_ALL", "basic": "ORT_ENABLE_BASIC", "none": "ORT_DISABLE_ALL"}
 
 
 # OpenVINO's CPU plugin picks bf16 arithmetic by itself on CPUs with bf16 units (AMX, AVX512-BF16): the
