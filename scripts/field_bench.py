@@ -213,7 +213,8 @@ def prepare():
                               "--key-out", os.path.join(folder, "key.json"), "--overwrite", *common,
                               *GENERATE_FLAGS.split()], os.path.join(folder, "generate.log"))
         atomic_write_json({"seconds": seconds}, timing)
-    if not os.path.exists(prepared_path()):
+    prepared = read_json(prepared_path(), "prepare record") if os.path.exists(prepared_path()) else None
+    if prepared is None or list(prepared["methods"]) != METHODS:   # dynamic batching mixes every method's triggers
         atomic_write_json(benign_calibration(), prepared_path())
 
 
@@ -263,9 +264,8 @@ def check_prepared(prepared, settings):
     if missing:
         raise UserError(f"{prepared_path()} has no trigger set of {' '.join(missing)}: run --stage prepare with "
                         f"these --methods")
-    recorded = {"model_sha256": prepared["model_sha256"],
-                "triggers_sha256": {m: prepared["methods"][m]["triggers_sha256"] for m in METHODS}}
-    report.check_same(recorded, {k: settings[k] for k in recorded}, "hashes", prepared_path())
+    report.check_same(report.prepared_hashes(prepared), {k: settings[k] for k in ("model_sha256", "triggers_sha256")},
+                      "hashes", prepared_path())
 
 
 def my_cells():

@@ -58,18 +58,28 @@ def cell_done(path, settings, overwrite):
     return True
 
 
-def read_cells(grid, cell_path):
-    """The cells of ``grid`` that exist, all with one settings record (else one error line naming both files)."""
+def prepared_hashes(prepared):
+    """The model and trigger-set hashes the prepare stage recorded (every cell must carry the same)."""
+    return {"model_sha256": prepared["model_sha256"],
+            "triggers_sha256": {m: p["triggers_sha256"] for m, p in prepared["methods"].items()}}
+
+
+def read_cells(grid, cell_path, prepared):
+    """The cells of ``grid`` that exist, all made on the prepared model and trigger sets and with one settings
+    record (else one error line naming the file and what differs)."""
     cells, reference = [], None
     for modification, trial in grid:
         path = cell_path(modification, trial)
         if not os.path.exists(path):
             continue
         cell = read_json(path, "bench cell")
+        settings = cell.get("settings") or {}
+        check_same(prepared_hashes(prepared), {k: settings.get(k) for k in ("model_sha256", "triggers_sha256")},
+                   "the prepared model and trigger sets", path)
         if reference is None:
-            reference = (cell.get("settings"), path)
+            reference = (settings, path)
         else:
-            check_same(reference[0], cell.get("settings"), f"settings of {reference[1]}", path)
+            check_same(reference[0], settings, f"settings of {reference[1]}", path)
         cells.append(cell)
     return cells
 
@@ -242,7 +252,7 @@ def heatmap(bench, out_dir):
 
 def write_report(out, prepared, grid, cell_path, fprs):
     """Merge the cells, write OUT/bench.json, bench.md and bench.png; returns the record with its markdown."""
-    bench = bench_record(prepared, grid, read_cells(grid, cell_path), fprs)
+    bench = bench_record(prepared, grid, read_cells(grid, cell_path, prepared), fprs)
     text = markdown(bench)
     atomic_write_json(bench, os.path.join(out, "bench.json"))
     atomic_write_text(text, os.path.join(out, "bench.md"))

@@ -60,15 +60,21 @@ def test_a_modification_that_changed_nothing_is_no_change_never_a_miss():
 def test_cells_with_other_settings_are_refused_in_one_line(tmp_path):
     import json
     paths = {}
+    hashes = {"model_sha256": "x", "triggers_sha256": {"m": "y"}}
+    prepared = {"model_sha256": "x", "methods": {"m": {"triggers_sha256": "y"}}}
     for trial, epochs in ((0, 1), (1, 2)):
         paths[trial] = tmp_path / f"trial{trial}.json"
-        paths[trial].write_text(json.dumps({**cell(trial, []), "settings": {"finetune_epochs": epochs}}))
+        paths[trial].write_text(json.dumps({**cell(trial, []), "settings": {"finetune_epochs": epochs, **hashes}}))
+    grid = [("noise", 0), ("noise", 1)]
     with pytest.raises(UserError, match=r"trial1.json was made with other settings .*finetune_epochs differs"):
-        report.read_cells([("noise", 0), ("noise", 1)], lambda m, t: str(paths[t]))
-    assert report.cell_done(str(paths[0]), {"finetune_epochs": 1}, overwrite=False)
-    assert not report.cell_done(str(paths[0]), {"finetune_epochs": 3}, overwrite=True)
+        report.read_cells(grid, lambda m, t: str(paths[t]), prepared)
+    other_model = {**prepared, "model_sha256": "z"}
+    with pytest.raises(UserError, match=r"trial0.json was made with other settings \(the prepared .*model_sha256"):
+        report.read_cells(grid, lambda m, t: str(paths[t]), other_model)
+    assert report.cell_done(str(paths[0]), {"finetune_epochs": 1, **hashes}, overwrite=False)
+    assert not report.cell_done(str(paths[0]), {"finetune_epochs": 3, **hashes}, overwrite=True)
     with pytest.raises(UserError, match="finetune_epochs differs"):
-        report.cell_done(str(paths[0]), {"finetune_epochs": 3}, overwrite=False)
+        report.cell_done(str(paths[0]), {"finetune_epochs": 3, **hashes}, overwrite=False)
 
 
 def test_dynamic_batching_gives_every_query_back_its_own_label():
