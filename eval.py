@@ -95,6 +95,23 @@ ONLINE_MAX_STEPS = 0              # 0: at most one pass over the training data
 # shift: fine-tuning on another distribution (fragile/tamper/shift.py)
 SHIFT_EPOCHS = 1                  # the paper's fine-tuning on the transformed training images
 SHIFT_TRANSFORM = "invert"        # invert | rotate | blur
+# distill: a fresh student of the model's architecture trained on its labels (fragile/tamper/distill.py; BIVBench)
+DISTILL_EPOCHS = 60               # the student's training from scratch (0: the untrained student, still a change)
+DISTILL_BATCH_SIZE = 64
+DISTILL_LR = 0.1                  # SGD, Nesterov
+DISTILL_MOMENTUM = 0.9
+DISTILL_WEIGHT_DECAY = 5e-4
+DISTILL_MILESTONES = [20, 35, 50]  # epochs where the learning rate is multiplied by DISTILL_GAMMA
+DISTILL_GAMMA = 0.2
+# random-class specific-class random-sample: BIVBench's data-poisoning degradations (fragile/tamper/degrade.py)
+DEGRADE_CLASS_PORTION = 1.0       # random-class, specific-class: share of the source class relabelled (0: no change)
+DEGRADE_SAMPLE_PORTION = 0.1      # random-sample: copies of the image, as a share of the training set (0: no change)
+DEGRADE_TARGET = 0                # specific-class: the label the source class takes
+DEGRADE_EPOCHS = 1                # at most (stopping earlier once the poisoning succeeds); 0: no change
+DEGRADE_STOP_ABOVE = 0.9          # stop once more than this share of the poisoned samples take their new label
+DEGRADE_CHECK_EVERY = 10          # steps between those checks
+DEGRADE_BATCH_SIZE = 64
+DEGRADE_LR = 1e-3                 # Adam, from the protected model's weights
 # benign matrix, an experiment (--attack benign; fragile/tamper/benign.py)
 BENIGN_BATCH_SIZES = [1, 16]       # compared with all triggers at once
 ENVELOPE = []                      # settings the matrix covers (fragile/watermark/jitter.py); empty: the triggers' own envelope
@@ -135,6 +152,8 @@ from fragile.tamper.benign import BenignParams
 from fragile.tamper.compare import CompareParams
 from fragile.tamper.compression import QUANTIZERS, PruneParams, QuantizeParams
 from fragile.tamper.context import Deployment, EvalContext, FinetuneParams, PoisonParams, Probe
+from fragile.tamper.degrade import DEGRADATIONS, DegradeParams
+from fragile.tamper.distill import DistillParams
 from fragile.tamper.fine_prune import FinePruneParams
 from fragile.tamper.layers import VARIANTS, LayerTuneParams
 from fragile.tamper.limit import LimitParams
@@ -202,6 +221,14 @@ def attack_params(attack):
         return OnlineParams(lr=ONLINE_LR, batch_size=ONLINE_BATCH_SIZE, max_steps=ONLINE_MAX_STEPS)
     if attack == "shift":
         return ShiftParams(epochs=SHIFT_EPOCHS, transform=SHIFT_TRANSFORM)
+    if attack == "distill":
+        return DistillParams(epochs=DISTILL_EPOCHS, batch_size=DISTILL_BATCH_SIZE, lr=DISTILL_LR,
+                             momentum=DISTILL_MOMENTUM, weight_decay=DISTILL_WEIGHT_DECAY,
+                             milestones=DISTILL_MILESTONES, gamma=DISTILL_GAMMA)
+    if attack in DEGRADATIONS:
+        return DegradeParams(class_portion=DEGRADE_CLASS_PORTION, sample_portion=DEGRADE_SAMPLE_PORTION,
+                             target=DEGRADE_TARGET, epochs=DEGRADE_EPOCHS, stop_above=DEGRADE_STOP_ABOVE,
+                             check_every=DEGRADE_CHECK_EVERY, batch_size=DEGRADE_BATCH_SIZE, lr=DEGRADE_LR)
     if attack == "benign":
         return benign_params()
     if attack == "limit":
@@ -286,6 +313,10 @@ def check_attack_settings(attack):
         check_range("--online-max-steps", ONLINE_MAX_STEPS, 0)
     elif attack == "shift":
         check_range("--shift-epochs", SHIFT_EPOCHS, 0)
+    elif attack == "distill":
+        check_distill_settings()
+    elif attack in DEGRADATIONS:
+        check_degrade_settings()
     elif attack == "compare":
         check_range("--compare-finetune-epochs", COMPARE_FINETUNE_EPOCHS, 0)
         check_sweep("--compare-noise-sigmas", COMPARE_NOISE_SIGMAS, 0)
@@ -296,6 +327,28 @@ def check_attack_settings(attack):
         check_positive_int("--limit-trials", LIMIT_TRIALS)
         check_range("--limit-reference-sigma", LIMIT_REFERENCE_SIGMA, 0, low_open=True)
         check_range("--limit-detect-fraction", LIMIT_DETECT_FRACTION, 0, 1, low_open=True)
+
+
+def check_distill_settings():
+    check_range("--distill-epochs", DISTILL_EPOCHS, 0)
+    check_positive_int("--distill-batch-size", DISTILL_BATCH_SIZE)
+    check_range("--distill-lr", DISTILL_LR, 0, low_open=True)
+    check_range("--distill-momentum", DISTILL_MOMENTUM, 0, 1, high_open=True)
+    check_range("--distill-weight-decay", DISTILL_WEIGHT_DECAY, 0)
+    if DISTILL_MILESTONES:   # none: a constant learning rate
+        check_sweep("--distill-milestones", DISTILL_MILESTONES, 1)
+    check_range("--distill-gamma", DISTILL_GAMMA, 0, 1, low_open=True)
+
+
+def check_degrade_settings():
+    check_range("--degrade-class-portion", DEGRADE_CLASS_PORTION, 0, 1)
+    check_range("--degrade-sample-portion", DEGRADE_SAMPLE_PORTION, 0, 1)
+    check_range("--degrade-target", DEGRADE_TARGET, 0)   # below the class count: checked once the model is known
+    check_range("--degrade-epochs", DEGRADE_EPOCHS, 0)
+    check_range("--degrade-stop-above", DEGRADE_STOP_ABOVE, 0, 1)
+    check_positive_int("--degrade-check-every", DEGRADE_CHECK_EVERY)
+    check_positive_int("--degrade-batch-size", DEGRADE_BATCH_SIZE)
+    check_range("--degrade-lr", DEGRADE_LR, 0, low_open=True)
 
 
 def check_outputs():

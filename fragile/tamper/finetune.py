@@ -66,12 +66,14 @@ def no_metrics(model):
 
 
 def fine_tune(model, ctx, seed, epochs, poisoned=False, extra_metrics=no_metrics, phase="finetune", step_offset=0,
-              data=None, make_optimizer=None):
+              data=None, make_optimizer=None, lr_for_step=None, stop_when=None):
     """SGD fine-tuning of ``model`` in place with ``ctx.finetune``'s settings, recording the watermark step by
     step (``extra_metrics``: model -> {name: value}, measured at every record too); returns (records, first
     detection step). Parameters with ``requires_grad`` off stay as they are; ``make_optimizer`` (model ->
-    optimizer) replaces the SGD. Under torchrun the steps are data parallel (DDP) and every measurement runs on
-    rank 0 while the others wait; the records and first detection are rank 0's (None on the other ranks)."""
+    optimizer) replaces the SGD; ``lr_for_step`` (step counted from 0 -> learning rate) schedules it;
+    ``stop_when`` (model, step -> bool, asked after every step) ends the run early, with a last record at that
+    step. Under torchrun the steps are data parallel (DDP) and every measurement runs on rank 0 while the others
+    wait; the records and first detection are rank 0's (None on the other ranks)."""
     cfg = ctx.finetune
     seed_everything(seed)
     data = data or ctx.train
@@ -97,38 +99,48 @@ def fine_tune(model, ctx, seed, epochs, poisoned=False, extra_metrics=no_metrics
     # Until the first detection every step is verified: the other ranks learn whether it came (and so
     # whether to wait for the next one) from rank 0.
     undetected = first_detection is None
-    step = 0
+    step, stopped, early_record = 0, False, False
     for epoch in range(epochs):
         batches = train_batches(data, cfg.batch_size, ctx.spec, gen, cfg.augment, rank=dist.rank(),
                                 world_size=dist.world_size())
         steps = train_steps(train_model, optimizer, batches, cfg.amp, scaler, batch_transform=transform,
-                            first_step=step, freeze_bn=cfg.freeze_bn)
+                            first_step=step, freeze_bn=cfg.freeze_bn, lr_for_step=lr_for_step)
         bar_on = ctx.progress and dist.is_main()
         for step, loss, _, _ in progress_bar(steps, total=steps_per_epoch, desc=f"{phase} epoch {epoch + 1}/{epochs}",
                                              enabled=bar_on):
             if dist.any_across(undetected, ctx.device) and dist.on_main(ctx.probe.detected, model):
                 first_detection = step + step_offset
             undetected = dist.is_main() and first_detection is None
-            if epoch == 0 and step in early and step < steps_per_epoch:
+            early_record = epoch == 0 and step in early and step < steps_per_epoch
+            if early_record:
                 trajectory.append(dist.on_main(measure, *measured, step + step_offset, step / steps_per_epoch))
+            stopped = stop_when is not None and dist.any_across(dist.on_main(stop_when, model, step), ctx.device)
             train_mode(model, cfg.freeze_bn)
+            if stopped:
+                break
         if dist.any_across(not torch.isfinite(loss), ctx.device):
             ctx.log(f"loss became {loss.item()} at epoch {epoch + 1}: stopping this run")
             break
-        record = dist.on_main(measure, *measured, step + step_offset, float(epoch + 1))
+        if stopped and early_record:
+            break   # the step it stopped at is recorded already
+        at_epoch = step / steps_per_epoch if stopped else float(epoch + 1)
+        record = dist.on_main(measure, *measured, step + step_offset, at_epoch)
         trajectory.append(record)
         if dist.is_main():
-            ctx.log(f"  {phase} epoch {epoch + 1}/{epochs}: match rate {record['match_rate']:.2f} "
+            ctx.log(f"  {phase} epoch {at_epoch:g}/{epochs}: match rate {record['match_rate']:.2f} "
                     f"({record['flipped']} flipped), clean acc {record['clean_accuracy']:.4f}"
                     + (f", ASR {record['attack_success_rate']:.3f}" if poisoned else ""))
+        if stopped:
+            break
     return (trajectory if dist.is_main() else []), first_detection
 
 
 def fine_tune_run(ctx, model, seed, epochs, phase, what, **options):
-    """The run record of fine-tuning ``model``, a copy the caller prepared (``options`` go to fine_tune): its
+    """The run record of fine-tuning ``model``, a copy the caller prepared (``options`` go to fine_tune;
+    ``extra_metrics`` defaults to the probe's): its
     trajectory, first detection, and whether anything changed at all (``what`` names the run if nothing did)."""
-    trajectory, first = fine_tune(model, ctx, seed, epochs, extra_metrics=ctx.probe.extra_metrics, phase=phase,
-                                  **options)
+    options.setdefault("extra_metrics", ctx.probe.extra_metrics)
+    trajectory, first = fine_tune(model, ctx, seed, epochs, phase=phase, **options)
     changed = note_change(ctx, model, what)
     return records.run_record(seed, trajectory, first_detection_step=first, model_changed=changed), model
 

@@ -10,6 +10,7 @@ from collections import namedtuple
 from ..core.cli import UserError
 from . import (benign, compare, compression, fine_prune, finetune, layers, limit, obfuscate, one_sample, perturbation,
                restore, shift)
+from . import degrade, distill
 
 Attack = namedtuple("Attack", "run params")
 
@@ -28,6 +29,10 @@ ATTACKS = {
     "unlearn": Attack(one_sample.run_unlearn, one_sample.UnlearnParams),
     "online": Attack(one_sample.run_online, one_sample.OnlineParams),
     "shift": Attack(shift.run_shift, shift.ShiftParams),
+    "distill": Attack(distill.run_distill, distill.DistillParams),
+    "random-class": Attack(degrade.run_random_class, degrade.DegradeParams),
+    "specific-class": Attack(degrade.run_specific_class, degrade.DegradeParams),
+    "random-sample": Attack(degrade.run_random_sample, degrade.DegradeParams),
 }
 EXPERIMENTS = {   # they tamper with nothing themselves: they run attacks, or none, and measure
     "benign": Attack(benign.run_benign, benign.BenignParams),

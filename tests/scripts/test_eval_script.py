@@ -158,6 +158,9 @@ def test_eval_and_plot_table_end_to_end(watermarked, tmp_path):
     (["--attack", "obfuscate", "--obfuscate-ks"], "--obfuscate-ks needs at least one value"),
     (["--attack", "restore"], "needs a model trained with `train.py --backdoor-watermark`"),
     (["--attack", "fine-prune", "--fine-prune-poisoned-model", "missing.pt"], "checkpoint not found: missing.pt"),
+    (["--attack", "distill", "--distill-gamma", 0], "--distill-gamma must be in (0, 1]"),
+    (["--attack", "random-sample", "--degrade-sample-portion", 2], "--degrade-sample-portion must be in [0, 1]"),
+    (["--attack", "specific-class", "--degrade-target", 10], "--degrade-target must be a class of synthetic, 0..9"),
 ])
 def test_bad_input_is_one_error_line(watermarked, tmp_path, args, message):
     proc = run_script("eval.py", "--model", watermarked["model"], "--device", "cpu", "--results-dir", tmp_path,
