@@ -23,7 +23,8 @@ STAGE = "all"                  # all | prepare | run | report
 SHARD = "0/1"                  # I/N: this process runs cells I, I+N, I+2N, ... (a job array's task I of N)
 METHODS = ["paper", "ftg", "ssf", "ibsf", "aid", "margin", "natural", "random"]
 MODIFICATIONS = ["finetune", "poison", "ftal", "ftll", "fzll", "rtal", "rtll", "fine-prune", "prune", "quantize",
-                 "shift", "unlearn", "online", "noise", "single-weight", "bitflip", "obfuscate"]
+                 "distill", "shift", "random-class", "specific-class", "random-sample", "unlearn", "online", "noise",
+                 "single-weight", "bitflip", "obfuscate"]
 TRIALS = 10                    # seeds 0..TRIALS-1 per modification
 NUM_TRIGGERS = 100
 KEY_SEED = 0
@@ -47,6 +48,7 @@ FINETUNE_EPOCHS = 1            # finetune, poison, shift (the paper's SGD fine-t
 LAYER_TUNE_EPOCHS = [1, 1, 5, 5, 5]   # ftal ftll fzll rtal rtll (BIVBench: 1 1 5 20 20)
 PRUNE_RATIO = 0.7              # global magnitude pruning (BIVBench's sparsity)
 QUANTIZE_MODE = "int8"         # 8-bit weights (BIVBench)
+DISTILL_EPOCHS = 10            # the student's training from scratch (BIVBench: 60)
 NOISE_SIGMA = 1e-3             # Gaussian noise on every weight (FTG's MNIST sigma)
 SINGLE_WEIGHT_EPSILON = 1e-2   # the largest weight times (1 +- epsilon)
 BITFLIP_CLASS = "exponent"     # one bit of this class flipped in one random weight
@@ -70,7 +72,9 @@ from fragile.core.data import DATASETS, balanced_subset, get_spec, load_split  #
 from fragile.core.io import atomic_write_json, load_classifier, model_sha256, read_json  # noqa: E402
 from fragile.tamper import field_bench  # noqa: E402
 from fragile.tamper.compression import PruneParams, QuantizeParams  # noqa: E402
-from fragile.tamper.context import EvalContext, FinetuneParams, Probe  # noqa: E402
+from fragile.tamper.context import Deployment, EvalContext, FinetuneParams, Probe  # noqa: E402
+from fragile.tamper.degrade import DEGRADATIONS, DegradeParams  # noqa: E402
+from fragile.tamper.distill import DistillParams  # noqa: E402
 from fragile.tamper.fine_prune import FinePruneParams  # noqa: E402
 from fragile.tamper.layers import VARIANTS, LayerTuneParams  # noqa: E402
 from fragile.tamper.obfuscate import ObfuscateParams  # noqa: E402
@@ -93,10 +97,13 @@ def zoo_params(name):
     one_shot = dict(trials=1, accuracy_trials=0)   # a cell is one trial: its seed is the cell's
     if name in VARIANTS:
         return LayerTuneParams(**{f"{v}_epochs": e for v, e in zip(VARIANTS, LAYER_TUNE_EPOCHS)})
+    if name in DEGRADATIONS:
+        return DegradeParams()
     return {"finetune": None, "poison": None,
             "fine-prune": FinePruneParams(),
             "prune": PruneParams(ratios=[PRUNE_RATIO]),
             "quantize": QuantizeParams(modes=[QUANTIZE_MODE]),
+            "distill": DistillParams(epochs=DISTILL_EPOCHS),
             "shift": ShiftParams(epochs=FINETUNE_EPOCHS),
             "unlearn": UnlearnParams(),
             "online": OnlineParams(),
@@ -152,6 +159,7 @@ def check_settings():
     check_range("--finetune-epochs", FINETUNE_EPOCHS, 0)
     check_range("--noise-sigma", NOISE_SIGMA, 0)
     check_range("--prune-ratio", PRUNE_RATIO, 0, 1)
+    check_range("--distill-epochs", DISTILL_EPOCHS, 0)
     if BITFLIP_CLASS not in BIT_CLASSES:
         raise UserError(f"--bitflip-class {BITFLIP_CLASS!r}: choose one of {', '.join(BIT_CLASSES)}")
     for fpr in FPR_TARGETS:
@@ -251,10 +259,11 @@ def evaluation_context(model, meta, sets, device):
     spec = get_spec(meta["dataset"])
     train = balanced_subset(load_split(spec, DATA_DIR, True), ATTACK_SUBSET, spec.num_classes).to(device)
     test = balanced_subset(load_split(spec, DATA_DIR, False), TEST_SUBSET, spec.num_classes).to(device)
-    probes = {m: Probe(w.triggers.to(device), torch.tensor(w.key), test, query_order=w.meta.get("query_order"))
-              for m, w in sets.items()}
+    probes = {m: Probe(w.triggers.to(device), torch.tensor(w.key), test, query_order=w.meta.get("query_order"),
+                       model_meta=meta) for m, w in sets.items()}
+    first = sets[METHODS[0]]
     ctx = EvalContext(model, spec, train, device, probes[METHODS[0]], finetune=FinetuneParams(epochs=FINETUNE_EPOCHS),
-                      log=lambda line: None)
+                      deployment=Deployment(first.meta, None, meta), log=lambda line: None)
     return ctx, probes
 
 

@@ -83,8 +83,9 @@ def dynamic_batch_runs(model, trigger_sets, traffic, runs, seed=0):
 
 # ----------------------------------------------------------------------------- one cell
 
-# Where each attack's run record keeps its own success (what the modification was for), first found wins.
-SUCCESS_KEYS = ("attack_success_rate", "asr_after", "success")
+# Where each attack's run record keeps its own success (what the modification was for), first found wins: a
+# backdoor's or poisoning's success rate, a distilled student's agreement with the model.
+SUCCESS_KEYS = ("attack_success_rate", "teacher_agreement")
 
 
 def attack_success(run):
