@@ -36,9 +36,12 @@ BETA2 = 0.999
 MAX_STEPS = 2000           # step cap; generation stops as soon as every 8-bit trigger carries its key label
 # controls (random, natural), ftg, ibsf, ssf, aid and margin (fragile/watermark/methods/; docs/sensitivity.md)
 CONTROL_SEED = 0           # which noise / test images the controls and the optimising methods start from
-# ftg
-FTG_STEPS = 1000           # signed-gradient steps minimising the softmax variance
-FTG_STEP_SIZE = 0.25 / 255 # per step, in [0, 1] pixel units (straight-through 8-bit rounding)
+# ftg: FTG, J. Inf. Intell. 2024 (fragile/watermark/methods/ftg.py); the values of its code for CIFAR-10
+FTG_STEPS = 10000          # signed-gradient steps minimising the softmax variance (straight-through 8-bit rounding)
+FTG_STEP_SIZE = 1e-5       # per step, in [0, 1] pixel units (its MNIST: 1e-4)
+FTG_START = "train"        # train: the first training images, key = the model's labels (FTG) | key-class: random
+                           # correctly classified test images of the drawn key's classes, the key kept (ours)
+FTG_SELECT = "last"        # last: the last iterate above the label floor (FTG) | lowest: the lowest-variance one
 # ibsf: IBSF, ICML 2024 (fragile/watermark/methods/ibsf.py); the values of its code
 IBSF_K = 2                 # top-k softmax classes whose Shannon entropy is maximised (2..classes)
 IBSF_STEPS = 5000          # SGD iterations
@@ -94,7 +97,7 @@ from fragile.watermark.keys import key_payload, key_sha256, make_key
 from fragile.watermark.methods.aid import AIDParams
 from fragile.watermark.methods.controls import ControlParams
 from fragile.watermark.methods.fragility import FragilityParams, fragility_order
-from fragile.watermark.methods.ftg import FTGParams
+from fragile.watermark.methods.ftg import SELECTIONS as FTG_SELECTIONS, STARTS as FTG_STARTS, FTGParams
 from fragile.watermark.methods.ibsf import IBSFParams
 from fragile.watermark.methods.margin import MarginParams
 from fragile.watermark.methods.paper import RECIPES, PaperParams
@@ -152,7 +155,8 @@ def control_params():
 
 
 def ftg_params():
-    return FTGParams(steps=FTG_STEPS, step_size=FTG_STEP_SIZE, control_seed=CONTROL_SEED, envelope=ENVELOPE)
+    return FTGParams(steps=FTG_STEPS, step_size=FTG_STEP_SIZE, start=FTG_START, select=FTG_SELECT,
+                     control_seed=CONTROL_SEED, envelope=ENVELOPE)
 
 
 def ibsf_params():
@@ -214,7 +218,8 @@ def output_paths(model_path):
 def main():
     config = apply_overrides(globals(), __doc__, choices={"DATASET": list(DATASETS), "ARCH": list(ARCHS),
                                                            "METHOD": list(methods.METHODS), "RECIPE": list(RECIPES),
-                                                           "ENVELOPE": ENVELOPE_ENTRIES})
+                                                           "ENVELOPE": ENVELOPE_ENTRIES, "FTG_START": list(FTG_STARTS),
+                                                           "FTG_SELECT": list(FTG_SELECTIONS)})
     recipe = RECIPES[RECIPE]
     if recipe is not None:   # the recipe's width and learning rate, except where a flag was typed
         config = apply_preset(globals(), config, {"GEN_CHANNELS": recipe.gen_channels, "LR": recipe.lr})

@@ -56,7 +56,7 @@ run generate_samples.py --model "$M" --method paper --recipe fast --num-triggers
 for method in random natural; do
     run generate_samples.py --model "$M" --method "$method" --num-triggers 12 --key-seed 0
 done
-run generate_samples.py --model "$M" --method ftg --ftg-steps 50 --num-triggers 12 --key-seed 0
+run generate_samples.py --model "$M" --method ftg --ftg-steps 400 --num-triggers 12 --key-seed 0
 run generate_samples.py --model "$M" --method margin "${FAST_MARGIN[@]}" --margin-surrogates 1 \
     --margin-surrogate-steps 10 --num-triggers 12 --key-seed 0
 run generate_samples.py --model "$M" --method margin "${FAST_MARGIN[@]}" --margin-surrogates 0 --margin-start paper \

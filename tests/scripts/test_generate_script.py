@@ -26,7 +26,7 @@ NUM_TRIGGERS = 20
 
 # Few steps: the synthetic resnet8 is small and these tests check behaviour, not the best numbers.
 FAST_FLAGS = {"random": [], "natural": [],
-              "ftg": ["--ftg-steps", 60],
+              "ftg": ["--ftg-steps", 60, "--ftg-step-size", 2 / 255],   # FTG's 1e-5: no level moves in 196
               "ibsf": ["--ibsf-steps", 20], "ssf": ["--ssf-steps", 10, "--ssf-pool", 2],
               "aid": ["--aid-steps", 10, "--aid-lr", 5e-2],
               "margin": ["--margin-steps", 60, "--margin-grid-rounds", 40, "--margin-pool", 2, "--margin-select-draws", 8,
@@ -97,6 +97,12 @@ def test_ftg_and_margin_record_psnr_to_their_natural_start(method_triggers):
 def test_generate_samples_rejects_an_unknown_method(watermarked):
     proc = run_script("generate_samples.py", "--model", watermarked["model"], "--method", "nope", check=False)
     assert proc.returncode == 2 and "invalid choice" in proc.stderr
+
+
+@pytest.mark.parametrize("flag", ["--ftg-start", "--ftg-select"])
+def test_generate_samples_rejects_an_unknown_ftg_option(flag):
+    proc = run_script("generate_samples.py", "--method", "ftg", flag, "nope", check=False)
+    assert proc.returncode == 2 and "invalid choice" in proc.stderr and flag in proc.stderr
 
 
 def fine_tuned_flip_fraction(model, watermarked, triggers, key, steps=16):

@@ -3,7 +3,8 @@
     paper    the ICIP-2022 generator, unchanged (paper.py)
     random   control: uniform-noise images; the key becomes the model's own labels for them (controls.py)
     natural  control: the least-confident correctly classified test images of each key class (controls.py)
-    ftg      FTG-style: signed-gradient pixel steps minimising the softmax variance, from natural images (ftg.py)
+    ftg      FTG (J. Inf. Intell. 2024): signed-gradient pixel steps minimising the softmax variance, from the first
+             training images; the key becomes the model's own labels for them (ftg.py)
     ibsf     IBSF (ICML 2024): SGD maximising the entropy of the top-k softmax classes in an L2 ball around a
              natural image of the key class (ibsf.py)
     ssf      SSF (CVPR 2019): Adam maximising the squared gradient norm of the top logit w.r.t. the last layer's
@@ -45,8 +46,8 @@ def generate(method, job, params):
 
 
 def needs_training_data(method, params):
-    """True when ``method`` fine-tunes surrogates, which need the training split."""
-    return method == "margin" and params.surrogates.count > 0
+    """True when ``method`` fine-tunes surrogates or starts from training images, which need the training split."""
+    return (method == "margin" and params.surrogates.count > 0) or (method == "ftg" and params.start == "train")
 
 
 __all__ = ["METHODS", "TriggerJob", "generate", "needs_training_data"]

@@ -127,8 +127,8 @@ def grid_in_ball(x, start, radius, shrink=0.9, tries=80):
 
 
 class BestIterates:
-    """Per trigger, the lowest-loss 8-bit iterate seen that passed ``valid`` (the methods keep their best iterate,
-    as FTG, SSF, IBSF and AID all do; here only among those that carry their key label)."""
+    """Per trigger, the lowest-loss 8-bit iterate seen that passed ``valid`` (SSF, IBSF and AID keep their best
+    iterate, FTG its last: ftg passes minus the step as the loss; here only among those that carry their label)."""
 
     def __init__(self, like):
         self.images = like.clone()

@@ -13,8 +13,8 @@ differs   (1) the 8-bit grid: the forward pass sees the rounded image (straight-
           ball (grid_in_ball), so the exported PNG is the optimised image and within eps of its start; the
           code optimises and saves floats. (2) the key: IBSF starts from random training images of any class
           and has no label term; here each starts from a random correctly classified test image of its key
-          class (as ftg does) and only iterates that keep the key label by at least the benign jitter
-          (label floor) are kept. A trigger with no such iterate is an error, never a shorter set.
+          class (as ftg's key-class option does) and only iterates that keep the key label by at least the
+          benign jitter (label floor) are kept. A trigger with no such iterate is an error, never a shorter set.
           (3) a batch of images per step: SGD and the entropy are per image, so this equals the code's
           one-at-a-time loop. (4) the code stores the image after the step whose loss it compared (one step
           late); here the image kept is the one whose loss was measured.
