@@ -27,9 +27,10 @@ def stamp_patch(images, size, position, value):
     return images
 
 
-def attack_success_rate(model, ctx):
-    """Patched test images of every other class that the model puts in the target class."""
-    p, test = ctx.poison, ctx.probe.test
+def attack_success_rate(model, ctx, patch=None):
+    """Patched test images of every other class that the model puts in the target class (``patch``: any object
+    with PoisonParams' target and patch fields; default ``ctx.poison``)."""
+    p, test = patch or ctx.poison, ctx.probe.test
     keep = test.labels != p.target
     patched = stamp_patch(to_float(test.images[keep]), p.patch_size, p.patch_position, p.patch_value)
     preds = predict_logits(model, patched, ctx.probe.eval_batch_size).argmax(1)
@@ -66,12 +67,14 @@ def no_metrics(model):
 
 
 def fine_tune(model, ctx, seed, epochs, poisoned=False, extra_metrics=no_metrics, phase="finetune", step_offset=0,
-              data=None, make_optimizer=None):
+              data=None, make_optimizer=None, until=None):
     """SGD fine-tuning of ``model`` in place with ``ctx.finetune``'s settings, recording the watermark step by
     step (``extra_metrics``: model -> {name: value}, measured at every record too); returns (records, first
     detection step). Parameters with ``requires_grad`` off stay as they are; ``make_optimizer`` (model ->
-    optimizer) replaces the SGD. Under torchrun the steps are data parallel (DDP) and every measurement runs on
-    rank 0 while the others wait; the records and first detection are rank 0's (None on the other ranks)."""
+    optimizer) replaces the SGD; ``until`` ((model, step) -> bool, asked after every step, one process only)
+    ends the run at the first step it says True, with a record there. Under torchrun the steps are data parallel
+    (DDP) and every measurement runs on rank 0 while the others wait; the records and first detection are rank
+    0's (None on the other ranks)."""
     cfg = ctx.finetune
     seed_everything(seed)
     data = data or ctx.train
@@ -97,7 +100,7 @@ def fine_tune(model, ctx, seed, epochs, poisoned=False, extra_metrics=no_metrics
     # Until the first detection every step is verified: the other ranks learn whether it came (and so
     # whether to wait for the next one) from rank 0.
     undetected = first_detection is None
-    step = 0
+    step, stopped = 0, False
     for epoch in range(epochs):
         batches = train_batches(data, cfg.batch_size, ctx.spec, gen, cfg.augment, rank=dist.rank(),
                                 world_size=dist.world_size())
@@ -109,9 +112,18 @@ def fine_tune(model, ctx, seed, epochs, poisoned=False, extra_metrics=no_metrics
             if dist.any_across(undetected, ctx.device) and dist.on_main(ctx.probe.detected, model):
                 first_detection = step + step_offset
             undetected = dist.is_main() and first_detection is None
-            if epoch == 0 and step in early and step < steps_per_epoch:
+            early_record = epoch == 0 and step in early and step < steps_per_epoch
+            if early_record:
                 trajectory.append(dist.on_main(measure, *measured, step + step_offset, step / steps_per_epoch))
+            stopped = until is not None and until(model, step)
+            if stopped:
+                if not early_record:
+                    trajectory.append(dist.on_main(measure, *measured, step + step_offset, step / steps_per_epoch))
+                ctx.log(f"  {phase}: stopped after step {step} (its goal reached)")
+                break
             train_mode(model, cfg.freeze_bn)
+        if stopped:
+            break
         if dist.any_across(not torch.isfinite(loss), ctx.device):
             ctx.log(f"loss became {loss.item()} at epoch {epoch + 1}: stopping this run")
             break
@@ -124,11 +136,13 @@ def fine_tune(model, ctx, seed, epochs, poisoned=False, extra_metrics=no_metrics
     return (trajectory if dist.is_main() else []), first_detection
 
 
-def fine_tune_run(ctx, model, seed, epochs, phase, what, **options):
+def fine_tune_run(ctx, model, seed, epochs, phase, what, extra_metrics=no_metrics, **options):
     """The run record of fine-tuning ``model``, a copy the caller prepared (``options`` go to fine_tune): its
-    trajectory, first detection, and whether anything changed at all (``what`` names the run if nothing did)."""
-    trajectory, first = fine_tune(model, ctx, seed, epochs, extra_metrics=ctx.probe.extra_metrics, phase=phase,
-                                  **options)
+    trajectory, first detection, and whether anything changed at all (``what`` names the run if nothing did);
+    ``extra_metrics`` are measured at every record beside the probe's own."""
+    def metrics(m):
+        return {**extra_metrics(m), **ctx.probe.extra_metrics(m)}
+    trajectory, first = fine_tune(model, ctx, seed, epochs, extra_metrics=metrics, phase=phase, **options)
     changed = note_change(ctx, model, what)
     return records.run_record(seed, trajectory, first_detection_step=first, model_changed=changed), model
 
