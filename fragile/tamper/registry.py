@@ -10,6 +10,7 @@ from collections import namedtuple
 from ..core.cli import UserError
 from . import (benign, compare, compression, fine_prune, finetune, layers, limit, obfuscate, one_sample, perturbation,
                restore, shift)
+from . import clean_label, targeted, trojan
 
 Attack = namedtuple("Attack", "run params")
 
@@ -28,6 +29,9 @@ ATTACKS = {
     "unlearn": Attack(one_sample.run_unlearn, one_sample.UnlearnParams),
     "online": Attack(one_sample.run_online, one_sample.OnlineParams),
     "shift": Attack(shift.run_shift, shift.ShiftParams),
+    "clean-label": Attack(clean_label.run_clean_label, clean_label.CleanLabelParams),
+    "trojan": Attack(trojan.run_trojan, trojan.TrojanParams),
+    "targeted": Attack(targeted.run_targeted, targeted.TargetedParams),
 }
 EXPERIMENTS = {   # they tamper with nothing themselves: they run attacks, or none, and measure
     "benign": Attack(benign.run_benign, benign.BenignParams),
