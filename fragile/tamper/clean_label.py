@@ -29,7 +29,8 @@ a clean-label *targeted* poisoning with no trigger at all, and this follows its 
 - BIVBench computes the target's features on the raw image and the poison's on the normalized one (its model takes
   normalized inputs); here both go through the model's own normalization, as the classifier sees them.
 - The poison is rounded to 8 bits before it joins the data, as an image in a training set is.
-- The seed draws the batches only: BIVBench's base and target do not depend on it, nor do they here.
+- The seed draws the batches only: BIVBench's base and target do not depend on it, nor do they here. They come
+  from the test split eval.py loads (a class-balanced subset under --test-subset), in its order.
 - Batch-norm statistics: as minimal_update.py says.
 
 Strength: ``epochs`` (0: no change, recorded so) and ``copies``.

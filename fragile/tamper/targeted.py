@@ -20,9 +20,11 @@ data/poisoned_dataset.py; ``select_vulnerable_sample`` in utils/utils.py; deeple
 
 Every record carries ``attack_success_rate``: the share of the chosen inputs now classified as their new labels;
 the run names them (``test_indices``, ``true_labels``, ``new_labels``) and whether each has its new label at the
-end (``relabelled``). ``inputs`` 1 is the one-input case. Differences from BIVBench: none in the choice; batch-norm
-statistics as minimal_update.py says; the seed draws the batches only (BIVBench's choice does not depend on it,
-nor does it here). Strength: ``epochs`` and ``lr`` (either 0: no change, recorded so).
+end (``relabelled``). ``inputs`` 1 is the one-input case. Differences from BIVBench: none in the rule; "the first
+5000" are those of the splits eval.py loads (class-balanced subsets under --train-subset / --test-subset), the
+training images those the attack trains on; batch-norm statistics as minimal_update.py says; the seed draws the
+batches only (BIVBench's choice does not depend on it, nor does it here). Strength: ``epochs`` and ``lr`` (either
+0: no change, recorded so).
 """
 from dataclasses import dataclass
 
