@@ -112,6 +112,30 @@ DEGRADE_STOP_ABOVE = 0.9          # stop once more than this share of the poison
 DEGRADE_CHECK_EVERY = 10          # steps between those checks
 DEGRADE_BATCH_SIZE = 64
 DEGRADE_LR = 1e-3                 # Adam, from the protected model's weights
+# clean-label: BIVBench's clean-label backdoor, Poison Frogs' feature collision (fragile/tamper/clean_label.py)
+CLEAN_LABEL_BASE = 0              # the poison's class and label (kept: a clean label)
+CLEAN_LABEL_TARGET = 1            # the class of the test image the attack wants classified as the base class
+CLEAN_LABEL_EPSILON = 8.0         # L-inf bound of the poison's perturbation, in 0-255 pixel levels
+CLEAN_LABEL_STEP_SIZE = 0.05      # per signed-gradient step, in 0-255 pixel levels
+CLEAN_LABEL_POISON_STEPS = 1000   # feature-collision steps
+CLEAN_LABEL_COPIES = 100          # copies of the poison appended to the training data
+CLEAN_LABEL_LR = 1e-3             # Adam on every parameter, until the poison is learned
+CLEAN_LABEL_BATCH_SIZE = 64
+CLEAN_LABEL_EPOCHS = 1            # at most (0: no change)
+# trojan: a patch backdoor written into the last two layers in closed form, no training (fragile/tamper/trojan.py)
+TROJAN_TARGET = 0
+TROJAN_PATCH_SIZE = 4             # BIVBench's trojan patch
+TROJAN_PATCH_POSITION = "bottom-right"   # bottom-right | bottom-left | top-right | top-left
+TROJAN_PATCH_VALUE = 255          # patch colour, 0-255
+TROJAN_SAMPLES = 2000             # clean training images that measure the detector
+TROJAN_STRENGTH = 3.0             # the target weight, in units of what the typical patched image needs (0: no change)
+# targeted: BIVBench's targeted attack, vulnerable test inputs relabelled (fragile/tamper/targeted.py)
+TARGETED_INPUTS = 10              # test inputs relabelled to their nearest other class
+TARGETED_POOL = 5000              # chosen among the first this many test (and centroid training) images
+TARGETED_COPIES = 100             # copies of each appended to the training data
+TARGETED_LR = 1e-3                # Adam on every parameter, until they carry their new labels (0: no change)
+TARGETED_BATCH_SIZE = 64
+TARGETED_EPOCHS = 1               # at most (0: no change)
 # benign matrix, an experiment (--attack benign; fragile/tamper/benign.py)
 BENIGN_BATCH_SIZES = [1, 16]       # compared with all triggers at once
 ENVELOPE = []                      # settings the matrix covers (fragile/watermark/jitter.py); empty: the triggers' own envelope
@@ -149,6 +173,7 @@ from fragile.core.io import (check_writable, check_writable_dir, default_checkpo
 from fragile.deploy.targets import calibration_warning, parse_names
 from fragile.tamper import records
 from fragile.tamper.benign import BenignParams
+from fragile.tamper.clean_label import CleanLabelParams
 from fragile.tamper.compare import CompareParams
 from fragile.tamper.compression import QUANTIZERS, PruneParams, QuantizeParams
 from fragile.tamper.context import Deployment, EvalContext, FinetuneParams, PoisonParams, Probe
@@ -163,6 +188,8 @@ from fragile.tamper.perturbation import BIT_CLASSES, BitflipParams, NoiseParams,
 from fragile.tamper.registry import DATA_PARALLEL, RUNNABLE, lookup
 from fragile.tamper.restore import RestoreParams
 from fragile.tamper.shift import TRANSFORMS, ShiftParams
+from fragile.tamper.targeted import TargetedParams
+from fragile.tamper.trojan import PATCH_POSITIONS, TrojanParams
 from fragile.watermark.jitter import ENVELOPE_ENTRIES
 from fragile.watermark.paths import load_watermark, tensor_file, triggers_path
 from fragile.watermark.queries import check_compatible, check_made_for, check_tolerance
@@ -229,6 +256,18 @@ def attack_params(attack):
         return DegradeParams(class_portion=DEGRADE_CLASS_PORTION, sample_portion=DEGRADE_SAMPLE_PORTION,
                              target=DEGRADE_TARGET, epochs=DEGRADE_EPOCHS, stop_above=DEGRADE_STOP_ABOVE,
                              check_every=DEGRADE_CHECK_EVERY, batch_size=DEGRADE_BATCH_SIZE, lr=DEGRADE_LR)
+    if attack == "clean-label":
+        return CleanLabelParams(base_label=CLEAN_LABEL_BASE, target_label=CLEAN_LABEL_TARGET,
+                                epsilon=CLEAN_LABEL_EPSILON, step_size=CLEAN_LABEL_STEP_SIZE,
+                                poison_steps=CLEAN_LABEL_POISON_STEPS, copies=CLEAN_LABEL_COPIES, lr=CLEAN_LABEL_LR,
+                                batch_size=CLEAN_LABEL_BATCH_SIZE, epochs=CLEAN_LABEL_EPOCHS)
+    if attack == "trojan":
+        return TrojanParams(target=TROJAN_TARGET, patch_size=TROJAN_PATCH_SIZE,
+                            patch_position=TROJAN_PATCH_POSITION, patch_value=TROJAN_PATCH_VALUE,
+                            samples=TROJAN_SAMPLES, strength=TROJAN_STRENGTH)
+    if attack == "targeted":
+        return TargetedParams(inputs=TARGETED_INPUTS, pool=TARGETED_POOL, copies=TARGETED_COPIES, lr=TARGETED_LR,
+                              batch_size=TARGETED_BATCH_SIZE, epochs=TARGETED_EPOCHS)
     if attack == "benign":
         return benign_params()
     if attack == "limit":
@@ -317,6 +356,32 @@ def check_attack_settings(attack):
         check_distill_settings()
     elif attack in DEGRADATIONS:
         check_degrade_settings()
+    elif attack == "clean-label":
+        check_range("--clean-label-base", CLEAN_LABEL_BASE, 0)
+        check_range("--clean-label-target", CLEAN_LABEL_TARGET, 0)
+        if CLEAN_LABEL_BASE == CLEAN_LABEL_TARGET:
+            raise UserError(f"--clean-label-base and --clean-label-target are both {CLEAN_LABEL_BASE}: "
+                            f"choose two classes")
+        check_range("--clean-label-epsilon", CLEAN_LABEL_EPSILON, 0, 255)
+        check_range("--clean-label-step-size", CLEAN_LABEL_STEP_SIZE, 0)
+        check_range("--clean-label-poison-steps", CLEAN_LABEL_POISON_STEPS, 0)
+        check_positive_int("--clean-label-copies", CLEAN_LABEL_COPIES)
+        check_range("--clean-label-lr", CLEAN_LABEL_LR, 0)
+        check_positive_int("--clean-label-batch-size", CLEAN_LABEL_BATCH_SIZE)
+        check_range("--clean-label-epochs", CLEAN_LABEL_EPOCHS, 0)
+    elif attack == "trojan":
+        check_range("--trojan-target", TROJAN_TARGET, 0)
+        check_positive_int("--trojan-patch-size", TROJAN_PATCH_SIZE)
+        check_range("--trojan-patch-value", TROJAN_PATCH_VALUE, 0, 255)
+        check_positive_int("--trojan-samples", TROJAN_SAMPLES)
+        check_range("--trojan-strength", TROJAN_STRENGTH, 0)
+    elif attack == "targeted":
+        check_positive_int("--targeted-inputs", TARGETED_INPUTS)
+        check_positive_int("--targeted-pool", TARGETED_POOL)
+        check_positive_int("--targeted-copies", TARGETED_COPIES)
+        check_range("--targeted-lr", TARGETED_LR, 0)
+        check_positive_int("--targeted-batch-size", TARGETED_BATCH_SIZE)
+        check_range("--targeted-epochs", TARGETED_EPOCHS, 0)
     elif attack == "compare":
         check_range("--compare-finetune-epochs", COMPARE_FINETUNE_EPOCHS, 0)
         check_sweep("--compare-noise-sigmas", COMPARE_NOISE_SIGMAS, 0)
@@ -365,6 +430,7 @@ def main():
     config = apply_overrides(globals(), __doc__, choices={"DATASET": list(DATASETS), "ARCH": list(ARCHS),
                                                            "ATTACK": list(RUNNABLE), "ENVELOPE": ENVELOPE_ENTRIES,
                                                            "SHIFT_TRANSFORM": list(TRANSFORMS),
+                                                           "TROJAN_PATCH_POSITION": list(PATCH_POSITIONS),
                                                            "BACKEND": list(dist.BACKENDS)})
     attack = lookup(ATTACK)
     check_settings()

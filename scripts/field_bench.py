@@ -23,8 +23,8 @@ STAGE = "all"                  # all | prepare | run | report
 SHARD = "0/1"                  # I/N: this process runs cells I, I+N, I+2N, ... (a job array's task I of N)
 METHODS = ["paper", "ftg", "ssf", "ibsf", "aid", "margin", "natural", "random"]
 MODIFICATIONS = ["finetune", "poison", "ftal", "ftll", "fzll", "rtal", "rtll", "fine-prune", "prune", "quantize",
-                 "distill", "shift", "random-class", "specific-class", "random-sample", "unlearn", "online", "noise",
-                 "single-weight", "bitflip", "obfuscate"]
+                 "distill", "shift", "random-class", "specific-class", "random-sample", "clean-label", "trojan",
+                 "targeted", "unlearn", "online", "noise", "single-weight", "bitflip", "obfuscate"]
 TRIALS = 10                    # seeds 0..TRIALS-1 per modification
 NUM_TRIGGERS = 100
 KEY_SEED = 0
@@ -71,6 +71,7 @@ from fragile.core.cli import UserError, apply_overrides, check_positive_int, che
 from fragile.core.data import DATASETS, balanced_subset, get_spec, load_split  # noqa: E402
 from fragile.core.io import atomic_write_json, load_classifier, model_sha256, read_json  # noqa: E402
 from fragile.tamper import field_bench  # noqa: E402
+from fragile.tamper.clean_label import CleanLabelParams  # noqa: E402
 from fragile.tamper.compression import PruneParams, QuantizeParams  # noqa: E402
 from fragile.tamper.context import Deployment, EvalContext, FinetuneParams, Probe  # noqa: E402
 from fragile.tamper.degrade import DEGRADATIONS, DegradeParams  # noqa: E402
@@ -82,6 +83,8 @@ from fragile.tamper.one_sample import OnlineParams, UnlearnParams  # noqa: E402
 from fragile.tamper.perturbation import BIT_CLASSES, BitflipParams, NoiseParams, SingleWeightParams  # noqa: E402
 from fragile.tamper.registry import ATTACKS  # noqa: E402
 from fragile.tamper.shift import ShiftParams  # noqa: E402
+from fragile.tamper.targeted import TargetedParams  # noqa: E402
+from fragile.tamper.trojan import TrojanParams  # noqa: E402
 from fragile.report import field_bench as report  # noqa: E402
 from fragile.watermark.methods import METHODS as TRIGGER_METHODS  # noqa: E402
 from fragile.watermark.paths import load_watermark  # noqa: E402
@@ -105,6 +108,9 @@ def zoo_params(name):
             "quantize": QuantizeParams(modes=[QUANTIZE_MODE]),
             "distill": DistillParams(epochs=DISTILL_EPOCHS),
             "shift": ShiftParams(epochs=FINETUNE_EPOCHS),
+            "clean-label": CleanLabelParams(),
+            "trojan": TrojanParams(),
+            "targeted": TargetedParams(),
             "unlearn": UnlearnParams(),
             "online": OnlineParams(),
             "noise": NoiseParams(sigmas=[NOISE_SIGMA], **one_shot),

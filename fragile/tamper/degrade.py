@@ -17,7 +17,9 @@ poisoned_dataset.py`` (``PoisonedDataset.add_trigger``), trained by ``backdoor_a
   64 (main.py's defaults), every image augmented alike. Its "minimal update" loop measures, after the 1st, 11th,
   21st, ... step, the accuracy on the poisoned samples with their poisoned labels and stops once it is above 0.9;
   the loop always reports "done" at the end of its first epoch, so main.py's ``--epoch 50`` trains one epoch at
-  most. The defaults here are those numbers (``epochs`` 1, ``stop_above`` 0.9, ``check_every`` 10).
+  most. The defaults here are those numbers (``epochs`` 1, ``stop_above`` 0.9, ``check_every`` 10). The trainer is
+  the one ``clean-label`` and ``targeted`` use (fragile/tamper/minimal_update.py), batch-norm statistics frozen as
+  it explains (BIVBench's check leaves the model in eval mode).
 
 Every record has, beside the watermark and clean accuracy, ``attack_success_rate``: the share of the poisoned
 samples the model gives their poisoned label (what BIVBench stops on and reports as "trigger accuracy"); the class
@@ -48,7 +50,7 @@ import torch
 from ..core.cli import UserError
 from ..core.data import Split
 from ..core.training import accuracy
-from .finetune import fine_tune_run
+from .minimal_update import labelled_share, train_until_poisoned
 
 
 @dataclass(frozen=True)
@@ -110,7 +112,7 @@ def copied_sample(train, index, target, portion):
 def success_rate(model, poisoned, batch_size):
     """The share of the poisoned samples the model gives their poisoned label (BIVBench's "trigger accuracy");
     None when nothing is poisoned."""
-    return accuracy(model, poisoned, batch_size) if len(poisoned) else None
+    return labelled_share(model, poisoned.images, poisoned.labels, batch_size) if len(poisoned) else None
 
 
 def class_accuracy(model, test, label, batch_size):
@@ -120,47 +122,36 @@ def class_accuracy(model, test, label, batch_size):
 
 
 def degradation_metrics(ctx, poisoned, source=None):
-    """model -> the records' metrics: the probe's, the attack success and, at class level, the source's accuracy."""
+    """model -> the records' own metrics: the attack success and, at class level, the source's accuracy."""
     batch = ctx.probe.eval_batch_size
 
     def metrics(model):
-        found = {**ctx.probe.extra_metrics(model), "attack_success_rate": success_rate(model, poisoned, batch)}
+        found = {"attack_success_rate": success_rate(model, poisoned, batch)}
         if source is not None:
             found["affected_class_accuracy"] = class_accuracy(model, ctx.probe.test, source, batch)
         return found
     return metrics
 
 
-def stop_rule(ctx, p, poisoned, stopped_at):
-    """(model, step) -> stop? BIVBench's minimal update: after steps 1, 1 + check_every, ..., stop once the
-    poisoned samples' success is above ``stop_above``; the step it stopped at goes into ``stopped_at``."""
-    def stop(model, step):
-        if (step - 1) % p.check_every or success_rate(model, poisoned, ctx.probe.eval_batch_size) <= p.stop_above:
-            return False
-        stopped_at.append(step)
-        return True
-    return stop
-
-
 # ----------------------------------------------------------------------------- the runs
 
 def degrade(ctx, p, seed, name, data, poisoned, metrics, **chosen):
-    """Train a copy of the protected model on ``data`` (Adam, BIVBench's stopping rule), recording the watermark
-    and ``metrics`` step by step; nothing poisoned or 0 epochs trains nothing and is recorded as no change."""
+    """Train a copy of the protected model on ``data`` with BIVBench's trainer (fragile/tamper/minimal_update.py:
+    Adam, its stopping rule at ``p.check_every`` and ``p.stop_above``), recording the watermark and ``metrics`` step
+    by step; nothing poisoned or 0 epochs trains nothing and is recorded as no change."""
     count = len(data) - len(ctx.train)   # every poisoned sample is an appended one, so this counts them
     epochs = p.epochs if count else 0
     if p.epochs and not count:
         ctx.log(f"  {name}: no sample poisoned at this portion, so no training")
-    stopped_at = []
-    run, model = fine_tune_run(ctx.with_finetune(batch_size=p.batch_size), ctx.fresh_copy(), seed, epochs, name,
-                               f"{name} with {count} poisoned samples and {epochs} epochs", data=data,
-                               make_optimizer=lambda m: torch.optim.Adam(m.parameters(), lr=p.lr),
-                               extra_metrics=metrics, stop_when=stop_rule(ctx, p, poisoned, stopped_at))
-    last = run["records"][-1]
+    run, model = train_until_poisoned(ctx, seed, data, poisoned.images, poisoned.labels, epochs=epochs, lr=p.lr,
+                                      batch_size=p.batch_size, phase=name,
+                                      what=f"{name} with {count} poisoned samples and {epochs} epochs",
+                                      extra_metrics=metrics, check_every=p.check_every, stop_above=p.stop_above)
+    last, stopped_at = run["records"][-1], run["stopped_at_step"]
     success = "n/a" if last["attack_success_rate"] is None else f"{last['attack_success_rate']:.3f}"
     ctx.log(f"  {name}: attack success {success}, clean acc {last['clean_accuracy']:.4f}, "
-            f"{last['flipped']} triggers flipped" + (f", stopped at step {stopped_at[0]}" if stopped_at else ""))
-    run.update(poisoned_samples=count, stopped_at_step=stopped_at[0] if stopped_at else None, **chosen)
+            f"{last['flipped']} triggers flipped" + (f", stopped at step {stopped_at}" if stopped_at else ""))
+    run.update(poisoned_samples=count, **chosen)
     return run, model
 
 

@@ -73,13 +73,13 @@ def multistep(p, steps_per_epoch):
 
 
 def agreement_metric(ctx):
-    """model -> the probe's metrics and the share of test images where it agrees with the protected model."""
+    """model -> the share of test images where it agrees with the protected model."""
     batch = ctx.probe.eval_batch_size
     teacher = labels_of(ctx.model, ctx.probe.test.images, batch)
 
     def metrics(model):
         agree = (labels_of(model, ctx.probe.test.images, batch) == teacher).float().mean().item()
-        return {**ctx.probe.extra_metrics(model), "teacher_agreement": agree}
+        return {"teacher_agreement": agree}
     return metrics
 
 

@@ -27,9 +27,10 @@ def stamp_patch(images, size, position, value):
     return images
 
 
-def attack_success_rate(model, ctx):
-    """Patched test images of every other class that the model puts in the target class."""
-    p, test = ctx.poison, ctx.probe.test
+def attack_success_rate(model, ctx, patch=None):
+    """Patched test images of every other class that the model puts in the target class (``patch``: any object
+    with PoisonParams' target and patch fields; default ``ctx.poison``)."""
+    p, test = patch or ctx.poison, ctx.probe.test
     keep = test.labels != p.target
     patched = stamp_patch(to_float(test.images[keep]), p.patch_size, p.patch_position, p.patch_value)
     preds = predict_logits(model, patched, ctx.probe.eval_batch_size).argmax(1)
@@ -135,12 +136,13 @@ def fine_tune(model, ctx, seed, epochs, poisoned=False, extra_metrics=no_metrics
     return (trajectory if dist.is_main() else []), first_detection
 
 
-def fine_tune_run(ctx, model, seed, epochs, phase, what, **options):
-    """The run record of fine-tuning ``model``, a copy the caller prepared (``options`` go to fine_tune;
-    ``extra_metrics`` defaults to the probe's): its
-    trajectory, first detection, and whether anything changed at all (``what`` names the run if nothing did)."""
-    options.setdefault("extra_metrics", ctx.probe.extra_metrics)
-    trajectory, first = fine_tune(model, ctx, seed, epochs, phase=phase, **options)
+def fine_tune_run(ctx, model, seed, epochs, phase, what, extra_metrics=no_metrics, **options):
+    """The run record of fine-tuning ``model``, a copy the caller prepared (``options`` go to fine_tune): its
+    trajectory, first detection, and whether anything changed at all (``what`` names the run if nothing did);
+    ``extra_metrics`` are measured at every record beside the probe's own."""
+    def metrics(m):
+        return {**extra_metrics(m), **ctx.probe.extra_metrics(m)}
+    trajectory, first = fine_tune(model, ctx, seed, epochs, extra_metrics=metrics, phase=phase, **options)
     changed = note_change(ctx, model, what)
     return records.run_record(seed, trajectory, first_detection_step=first, model_changed=changed), model
 

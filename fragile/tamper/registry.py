@@ -11,6 +11,7 @@ from ..core.cli import UserError
 from . import (benign, compare, compression, fine_prune, finetune, layers, limit, obfuscate, one_sample, perturbation,
                restore, shift)
 from . import degrade, distill
+from . import clean_label, targeted, trojan
 
 Attack = namedtuple("Attack", "run params")
 
@@ -33,6 +34,9 @@ ATTACKS = {
     "random-class": Attack(degrade.run_random_class, degrade.DegradeParams),
     "specific-class": Attack(degrade.run_specific_class, degrade.DegradeParams),
     "random-sample": Attack(degrade.run_random_sample, degrade.DegradeParams),
+    "clean-label": Attack(clean_label.run_clean_label, clean_label.CleanLabelParams),
+    "trojan": Attack(trojan.run_trojan, trojan.TrojanParams),
+    "targeted": Attack(targeted.run_targeted, targeted.TargetedParams),
 }
 EXPERIMENTS = {   # they tamper with nothing themselves: they run attacks, or none, and measure
     "benign": Attack(benign.run_benign, benign.BenignParams),

@@ -194,3 +194,35 @@ def test_a_layer_variant_runs_from_its_header_and_zero_epochs_is_no_change(water
     bad = run_script("eval.py", *args, "--ftll-epochs", -1, "--overwrite", check=False)
     lines = bad.stderr.strip().splitlines()
     assert bad.returncode == 2 and len(lines) == 1 and "--ftll-epochs" in lines[0], bad.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--attack", "clean-label", "--clean-label-target", 0], "--clean-label-base and --clean-label-target are both 0"),
+    (["--attack", "clean-label", "--clean-label-epochs", -1], "--clean-label-epochs must be at least 0"),
+    (["--attack", "trojan", "--trojan-strength", -1], "--trojan-strength must be at least 0"),
+    (["--attack", "trojan", "--trojan-target", 10], "--trojan-target 10 is not a class of synthetic"),
+    (["--attack", "targeted", "--targeted-inputs", 0], "--targeted-inputs must be a positive integer"),
+])
+def test_bad_backdoor_settings_are_one_error_line(watermarked, tmp_path, args, message):
+    """BIVBench's clean-label, trojan and targeted attacks: a bad setting is one line, and nothing is written (a
+    class the model lacks is found once the model is loaded, before the attack works)."""
+    proc = run_script("eval.py", "--model", watermarked["model"], "--device", "cpu", "--results-dir", tmp_path,
+                      "--test-subset", 100, "--train-subset", 100, *args, check=False)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not list(tmp_path.glob("*.json"))
+
+
+def test_the_trojan_runs_from_its_header_and_strength_zero_is_no_change(watermarked, tmp_path):
+    """The trojan through eval.py: its attack success rate and edited weights recorded, strength 0 no change."""
+    args = ("--model", watermarked["model"], "--attack", "trojan", "--trojan-samples", 128, "--train-subset", 200,
+            "--test-subset", 100, "--device", "cpu", "--results-dir", tmp_path, "--no-progress")
+    run_script("eval.py", *args)
+    path = str(tmp_path / "resnet8_synthetic_paper_trojan.json")
+    run = read_results(path)["runs"][0]
+    before, after = run["records"]
+    assert run["model_changed"] is True and run["weights_changed"] > 0
+    assert after["attack_success_rate"] > before["attack_success_rate"]
+    proc = run_script("eval.py", *args, "--trojan-strength", 0, "--overwrite")
+    results = read_results(path)
+    assert results["runs"][0]["model_changed"] is False and "recorded as no change" in proc.stdout + proc.stderr
+    assert results["settings"]["attack"]["strength"] == 0
