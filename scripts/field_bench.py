@@ -58,16 +58,15 @@ OBFUSCATE_K = 1                # weights obfuscated
 import dataclasses
 import fcntl
 import os
-import subprocess
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-from fragile.core.cli import UserError, apply_overrides, check_positive_int, check_range, run_main  # noqa: E402
+from fragile.core.cli import (UserError, apply_overrides, check_positive_int, check_range, run_logged,  # noqa: E402
+                              run_main)
 from fragile.core.data import DATASETS, balanced_subset, get_spec, load_split  # noqa: E402
 from fragile.core.io import atomic_write_json, load_classifier, model_sha256, read_json  # noqa: E402
 from fragile.tamper import field_bench  # noqa: E402
@@ -195,17 +194,8 @@ def prepared_path():
 
 def run_script(name, script, args, log):
     """One step as the user would run it (THREADS threads); its output goes to ``log``. Returns its seconds."""
-    os.makedirs(os.path.dirname(log), exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "MKL_NUM_THREADS": str(THREADS), "PYTHONPATH": ROOT}
     print(f"== {name}", flush=True)
-    started = time.time()
-    with open(log, "w") as f:
-        code = subprocess.call([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=ROOT, stdout=f,
-                               stderr=subprocess.STDOUT, env=env)
-    if code != 0:
-        last = open(log).read().strip().splitlines()[-1:] or ["(no output)"]
-        raise UserError(f"{name} failed (exit {code}): {last[0]} (log: {log}); rerun to resume")
-    return round(time.time() - started, 1)
+    return run_logged(ROOT, script, args, log, THREADS, name)
 
 
 def prepare():

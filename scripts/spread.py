@@ -51,15 +51,13 @@ RESNET18_TEST_SUBSET = 2000      # eval.py's clean-accuracy images (ResNet-18 fo
 import fcntl
 import json
 import os
-import subprocess
 import sys
-import time
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from fragile.core.cli import UserError, apply_overrides, check_positive_int, run_main  # noqa: E402
+from fragile.core.cli import UserError, apply_overrides, check_positive_int, run_logged, run_main  # noqa: E402
 from fragile.core.data import DATASETS  # noqa: E402
 from fragile.core.io import atomic_write_json  # noqa: E402
 from fragile.report import spread  # noqa: E402
@@ -75,19 +73,9 @@ class Runner:
     def step(self, name, script, args, done, log_dir):
         if os.path.exists(done):
             return None
-        os.makedirs(log_dir, exist_ok=True)
         log = os.path.join(log_dir, name.replace(" ", "_") + ".log")
-        env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "MKL_NUM_THREADS": str(THREADS),
-               "PYTHONPATH": ROOT}
-        started = time.time()
         print(f"== {name}", flush=True)
-        with open(log, "w") as f:
-            code = subprocess.call([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=ROOT,
-                                   stdout=f, stderr=subprocess.STDOUT, env=env)
-        if code != 0:
-            last = open(log).read().strip().splitlines()[-1:] or ["(no output)"]
-            raise UserError(f"step {name!r} failed (exit {code}): {last[0]} (log: {log}); rerun to resume")
-        seconds = round(time.time() - started, 1)
+        seconds = run_logged(ROOT, script, args, log, THREADS, f"step {name!r}")
         print(f"   {name}: {seconds} s", flush=True)
         return seconds
 

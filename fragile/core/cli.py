@@ -18,6 +18,7 @@ import io
 import math
 import os
 import signal
+import subprocess
 import sys
 import time
 import tokenize
@@ -255,3 +256,19 @@ def run_main(main, error_exit_code=2, interrupted=INTERRUPTED_NOTHING_SAVED):
                 traceback.print_exc()
         sys.exit(error_exit_code)
     sys.exit(code or 0)
+
+
+def run_logged(root, script, args, log, threads, what):
+    """Run the suite's ``script`` (a path under ``root``) as a user would, with ``threads`` threads, its output
+    written to ``log``; returns its wall seconds. A failure is one error line naming ``what``, the exit code, the
+    log's last line and the log, for the drivers that chain the suite's scripts (spread, field bench)."""
+    os.makedirs(os.path.dirname(log) or ".", exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PYTHONPATH": root}
+    started = time.time()
+    with open(log, "w") as f:
+        code = subprocess.call([sys.executable, os.path.join(root, script), *map(str, args)], cwd=root, stdout=f,
+                               stderr=subprocess.STDOUT, env=env)
+    if code != 0:
+        last = open(log).read().strip().splitlines()[-1:] or ["(no output)"]
+        raise UserError(f"{what} failed (exit {code}): {last[0]} (log: {log}); rerun to resume")
+    return round(time.time() - started, 1)

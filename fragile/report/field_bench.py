@@ -96,10 +96,10 @@ def decision_threshold(benign_flips, fpr):
 def calibration(method, fprs):
     """Per target FPR: the threshold, the benign runs it rests on, and whether their count resolves that FPR."""
     flips = [r["flipped"] for r in method["benign_runs"]]
-    return {f"{fpr:g}": {"threshold": decision_threshold(flips, fpr), "benign_runs": len(flips),
-                         "benign_false_alarms": sum(f > decision_threshold(flips, fpr) for f in flips),
+    thresholds = {fpr: decision_threshold(flips, fpr) for fpr in fprs}
+    return {f"{fpr:g}": {"threshold": t, "benign_runs": len(flips), "benign_false_alarms": sum(f > t for f in flips),
                          "fpr_resolved": len(flips) >= 1 / fpr}
-            for fpr in fprs}
+            for fpr, t in thresholds.items()}
 
 
 def mean_or_none(values):
