@@ -59,6 +59,7 @@ import dataclasses
 import fcntl
 import os
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -190,6 +191,10 @@ def prepared_path():
     return os.path.join(OUT, "prepared.json")
 
 
+def train_timing_path():
+    return os.path.join(OUT, "model", "train.json")
+
+
 # ----------------------------------------------------------------------------- prepare
 
 def run_script(name, script, args, log):
@@ -203,9 +208,10 @@ def prepare():
     skipped when done, so a stopped prepare resumes."""
     common = ["--device", DEVICE, "--data-dir", DATA_DIR, "--no-progress"]
     if not MODEL and not os.path.exists(model_path()):
-        run_script("train", "train.py", ["--dataset", DATASET, "--arch", ARCH, "--epochs", TRAIN_EPOCHS,
-                                         "--train-subset", TRAIN_SUBSET, "--seed", 0, "--out", model_path(), *common],
-                   os.path.join(OUT, "model", "train.log"))
+        seconds = run_script("train", "train.py", ["--dataset", DATASET, "--arch", ARCH, "--epochs", TRAIN_EPOCHS,
+                                                   "--train-subset", TRAIN_SUBSET, "--seed", 0, "--out", model_path(),
+                                                   *common], os.path.join(OUT, "model", "train.log"))
+        atomic_write_json({"seconds": seconds}, train_timing_path())
     for method in METHODS:
         folder = method_dir(method)
         timing = os.path.join(folder, "generate.json")
@@ -230,7 +236,9 @@ def load_sets(device):
 
 def benign_calibration():
     """Per method: its benign runs (named envelope settings, then dynamic batching), its cost, and the hashes
-    (recomputed) of the model and trigger set every cell must be made with."""
+    (recomputed) of the model and trigger set every cell must be made with; the classifier's training seconds
+    (None when --model gave it) and this calibration's own, for the report's compute line."""
+    started = time.time()
     model, meta, sets = load_sets("cpu")
     spec = get_spec(meta["dataset"])
     traffic = balanced_subset(load_split(spec, DATA_DIR, False), TEST_SUBSET, spec.num_classes).images
@@ -244,8 +252,10 @@ def benign_calibration():
                       "generation_seconds": read_json(os.path.join(method_dir(m), "generate.json"), "timing")["seconds"],
                       "envelope": envelope, "triggers_sha256": field_bench.trigger_set_sha256(w.triggers, w.key),
                       "benign_runs": field_bench.envelope_runs(model, w.triggers, w.key, meta, envelope) + dynamic[m]}
+    trained = read_json(train_timing_path(), "timing")["seconds"] if os.path.exists(train_timing_path()) else None
     return {"model": model_path(), "model_sha256": model_sha256(model), "dataset": meta["dataset"],
-            "arch": meta["arch"], "methods": methods}
+            "arch": meta["arch"], "methods": methods, "train_seconds": trained,
+            "calibration_seconds": round(time.time() - started, 1)}
 
 
 # ----------------------------------------------------------------------------- run

@@ -172,7 +172,17 @@ def bench_record(prepared, grid, cells, fprs):
     missing = [f"{m} trial {t}" for m, t in grid if (m, t) not in done]
     return {"model": prepared["model"], "model_sha256": prepared["model_sha256"], "dataset": prepared["dataset"],
             "arch": prepared["arch"], "fpr_targets": list(fprs), "complete": not missing, "missing": missing,
-            "methods": methods, "modifications": modifications, "table": table}
+            "compute": compute(prepared, cells), "methods": methods, "modifications": modifications, "table": table}
+
+
+def compute(prepared, cells):
+    """What the bench cost, in process seconds per stage (shards run at once overlap in wall time, so the wall
+    time end to end is measured outside); the classifier's training is None when it was given, not trained."""
+    parts = {"train_seconds": prepared.get("train_seconds"),
+             "generation_seconds": sum(p["generation_seconds"] for p in prepared["methods"].values()),
+             "calibration_seconds": prepared.get("calibration_seconds"),
+             "cell_seconds": sum(c["seconds"] for c in cells)}
+    return {**parts, "total_seconds": sum(v for v in parts.values() if v is not None)}
 
 
 # ----------------------------------------------------------------------------- markdown and heatmap
@@ -211,6 +221,8 @@ def markdown(bench):
         lines.append(f"| {m} | {info['num_triggers']} | {info['generation_seconds']:.0f} | " + " | ".join(
             f"{cal[f'{f:g}']['threshold']} ({cal[f'{f:g}']['benign_runs']}"
             + ("" if cal[f"{f:g}"]["fpr_resolved"] else ", FPR not resolved") + ")" for f in bench["fpr_targets"]) + " |")
+    lines += ["", "Compute, in process seconds (one thread each): " + ", ".join(
+        f"{part.removesuffix('_seconds')} {fmt(seconds, 0)}" for part, seconds in bench["compute"].items())]
     missed = uncaught(bench, fpr)
     lines += ["", "Caught by no method at this FPR (TPR below 0.5 for every method): " + (", ".join(missed) or "none")]
     return "\n".join(lines) + "\n"

@@ -56,6 +56,12 @@ def test_two_shards_merge_into_the_report_of_their_cells(watermarked, tmp_path):
     assert result["modifications"]["prune"]["distinct_models"] == 1
     assert result["modifications"]["noise"]["distinct_models"] == 2
     prepared = json.load(open(out / "prepared.json"))
+    # the compute line adds up the stages' own records; the classifier was given (--model), not trained here
+    generation = sum(json.load(open(out / "methods" / m / "generate.json"))["seconds"] for m in ("natural", "random"))
+    cost = result["compute"]
+    assert cost["train_seconds"] is None and cost["generation_seconds"] == pytest.approx(generation)
+    assert cost["cell_seconds"] == pytest.approx(sum(c["seconds"] for c in cells)) and cost["cell_seconds"] > 0
+    assert cost["total_seconds"] == pytest.approx(generation + cost["cell_seconds"] + prepared["calibration_seconds"])
     for method in ("natural", "random"):
         names = [r["name"] for r in prepared["methods"][method]["benign_runs"]]
         assert sum(n.startswith("dynamic batching") for n in names) == 30 and "batch size 1" in names
