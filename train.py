@@ -59,7 +59,7 @@ from fragile.core.cli import UserError, apply_overrides, apply_preset, check_ran
 from fragile.core.data import DATASETS, device_generator, load_dataset, train_batches
 from fragile.core.devices import describe_device, resolve_device, seed_everything, set_fast_math, versions
 from fragile.core.io import (atomic_write_text, check_writable, default_checkpoint_path, read_checkpoint,
-                             save_classifier)
+                             save_classifier, training_log_path)
 from fragile.core.training import (RECIPES, SCHEDULES, accuracy, capture_rng, grad_scaler, lr_at, make_sgd,
                                    prepare_model, recipe_settings, restore_rng, sgd_kernels, train_steps)
 from fragile.watermark import robust
@@ -68,10 +68,6 @@ from models import ARCHS, build_classifier
 
 def resume_path(out):
     return out[:-3] + ".resume.pt" if out.endswith(".pt") else out + ".resume.pt"
-
-
-def log_path(out):
-    return (out[:-3] if out.endswith(".pt") else out) + ".log.jsonl"
 
 
 def apply_recipe(config, device):
@@ -168,7 +164,7 @@ def restore_run(payload, model, optimizer, scaler, gen, out):
         scaler.load_state_dict(state["scaler"])
     log_records = list(state.get("log", []))
     if dist.is_main() and "log" in state:
-        atomic_write_text("".join(json.dumps(r) + "\n" for r in log_records), log_path(out))
+        atomic_write_text("".join(json.dumps(r) + "\n" for r in log_records), training_log_path(out))
     print(f"resuming {resume_path(out)} after epoch {state['epoch']}")
     # a run stopped after its last epoch saves that epoch's test accuracy
     return state["epoch"], state["elapsed"], payload["meta"].get("test_accuracy"), log_records
@@ -193,7 +189,7 @@ def epoch_means(bar, steps_per_epoch, device):
 
 def append_log(out, record):
     """An epoch's line in <out>.log.jsonl (written as each epoch ends, so a long run can be followed), printed too."""
-    with open(log_path(out), "a") as f:
+    with open(training_log_path(out), "a") as f:
         f.write(json.dumps(record) + "\n")
     print(json.dumps(record))
 
@@ -232,8 +228,8 @@ def main():
                                                                   scaler, gen, out)
     else:
         start_epoch, elapsed, test_acc, log_records = 0, 0.0, None, []
-        if os.path.exists(log_path(out)) and dist.is_main():
-            os.remove(log_path(out))  # a fresh run starts a fresh log
+        if os.path.exists(training_log_path(out)) and dist.is_main():
+            os.remove(training_log_path(out))  # a fresh run starts a fresh log
     batch_transform = robust.mixer(backdoor, device) if backdoor else None
 
     for epoch in range(start_epoch, EPOCHS):

@@ -69,7 +69,8 @@ import torch  # noqa: E402
 from fragile.core.cli import (UserError, apply_overrides, check_positive_int, check_range, run_logged,  # noqa: E402
                               run_main)
 from fragile.core.data import DATASETS, balanced_subset, get_spec, load_split  # noqa: E402
-from fragile.core.io import atomic_write_json, load_classifier, model_sha256, read_json  # noqa: E402
+from fragile.core.io import (atomic_write_json, load_classifier, logged_training_seconds, model_sha256,  # noqa: E402
+                             read_json)
 from fragile.tamper import field_bench  # noqa: E402
 from fragile.tamper.clean_label import CleanLabelParams  # noqa: E402
 from fragile.tamper.compression import PruneParams, QuantizeParams  # noqa: E402
@@ -191,10 +192,6 @@ def prepared_path():
     return os.path.join(OUT, "prepared.json")
 
 
-def train_timing_path():
-    return os.path.join(OUT, "model", "train.json")
-
-
 # ----------------------------------------------------------------------------- prepare
 
 def run_script(name, script, args, log):
@@ -208,10 +205,9 @@ def prepare():
     skipped when done, so a stopped prepare resumes."""
     common = ["--device", DEVICE, "--data-dir", DATA_DIR, "--no-progress"]
     if not MODEL and not os.path.exists(model_path()):
-        seconds = run_script("train", "train.py", ["--dataset", DATASET, "--arch", ARCH, "--epochs", TRAIN_EPOCHS,
-                                                   "--train-subset", TRAIN_SUBSET, "--seed", 0, "--out", model_path(),
-                                                   *common], os.path.join(OUT, "model", "train.log"))
-        atomic_write_json({"seconds": seconds}, train_timing_path())
+        run_script("train", "train.py", ["--dataset", DATASET, "--arch", ARCH, "--epochs", TRAIN_EPOCHS,
+                                         "--train-subset", TRAIN_SUBSET, "--seed", 0, "--out", model_path(), *common],
+                   os.path.join(OUT, "model", "train.log"))
     for method in METHODS:
         folder = method_dir(method)
         timing = os.path.join(folder, "generate.json")
@@ -252,9 +248,9 @@ def benign_calibration():
                       "generation_seconds": read_json(os.path.join(method_dir(m), "generate.json"), "timing")["seconds"],
                       "envelope": envelope, "triggers_sha256": field_bench.trigger_set_sha256(w.triggers, w.key),
                       "benign_runs": field_bench.envelope_runs(model, w.triggers, w.key, meta, envelope) + dynamic[m]}
-    trained = read_json(train_timing_path(), "timing")["seconds"] if os.path.exists(train_timing_path()) else None
     return {"model": model_path(), "model_sha256": model_sha256(model), "dataset": meta["dataset"],
-            "arch": meta["arch"], "methods": methods, "train_seconds": trained,
+            "arch": meta["arch"], "methods": methods,
+            "train_seconds": None if MODEL else logged_training_seconds(model_path()),
             "calibration_seconds": round(time.time() - started, 1)}
 
 

@@ -49,7 +49,6 @@ RESNET18_TEST_SUBSET = 2000      # eval.py's clean-accuracy images (ResNet-18 fo
 # -----------------------------------------------------------------------------
 
 import fcntl
-import json
 import os
 import sys
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
@@ -59,7 +58,7 @@ sys.path.insert(0, ROOT)
 
 from fragile.core.cli import UserError, apply_overrides, check_positive_int, run_logged, run_main  # noqa: E402
 from fragile.core.data import DATASETS  # noqa: E402
-from fragile.core.io import atomic_write_json  # noqa: E402
+from fragile.core.io import atomic_write_json, logged_training_seconds  # noqa: E402
 from fragile.report import spread  # noqa: E402
 
 
@@ -88,8 +87,7 @@ class Runner:
         if self.step(f"{tag} train", "train.py",
                      ["--dataset", group.dataset, "--arch", group.arch, "--epochs", group.epochs, "--train-subset",
                       group.subset, "--seed", seed, "--out", model, *resume, *common], model, folder) is not None:
-            log = [json.loads(line) for line in open(model[:-3] + ".log.jsonl")]
-            atomic_write_json({"seconds": log[-1]["seconds"]}, os.path.join(folder, "train.json"))
+            atomic_write_json({"seconds": logged_training_seconds(model)}, os.path.join(folder, "train.json"))
         for key_seed, recipe in group.units(seed):
             unit = group.unit_dir(self.out, seed, key_seed, recipe)
             triggers, key = os.path.join(unit, "triggers"), os.path.join(unit, "key.json")

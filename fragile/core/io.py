@@ -133,6 +133,21 @@ def default_checkpoint_path(arch, dataset, folder="checkpoints"):
     return os.path.join(folder, f"{arch}_{dataset}.pt")
 
 
+def training_log_path(checkpoint):
+    """train.py's per-epoch log beside ``checkpoint``: <out>.log.jsonl."""
+    return (checkpoint[:-3] if checkpoint.endswith(".pt") else checkpoint) + ".log.jsonl"
+
+
+def logged_training_seconds(checkpoint):
+    """The training seconds train.py logged for ``checkpoint`` (its last epoch line, counted across resumes);
+    None when it has no log (a checkpoint trained elsewhere)."""
+    path = training_log_path(checkpoint)
+    if not os.path.exists(path):
+        return None
+    lines = open(path).read().splitlines()
+    return json.loads(lines[-1])["seconds"] if lines else None
+
+
 def save_classifier(path, model, meta, **extra):
     """Weights plus metadata, and extra entries of tensors and plain values (for periodic
     checkpoints the optimizer/RNG state as ``train_state``; a robust watermark's trigger set)."""
