@@ -2,13 +2,16 @@
 
     .venv/bin/python scripts/field_bench.py                              # everything below, resumable
     .venv/bin/python scripts/field_bench.py --stage prepare              # classifier, trigger sets, benign runs
+    .venv/bin/python scripts/field_bench.py --stage prepare --shard 1/4  # one slice of the methods' trigger sets
     .venv/bin/python scripts/field_bench.py --stage run --shard 3/16     # one slice of the cells
     .venv/bin/python scripts/field_bench.py --stage report               # merge the cells: JSON, markdown, heatmap
 
 prepare: train the classifier (train.py, unless --model names one), make NUM_TRIGGERS triggers with every method
 on it (generate_samples.py, the same number for each; the paper's generator with PAPER_RECIPE), and record the
 benign runs that calibrate each method's decision threshold (fragile/tamper/field_bench.py: the trigger set's
-envelope settings by name, and DYNAMIC_BATCH_RUNS runs of dynamic batching).
+envelope settings by name, and DYNAMIC_BATCH_RUNS runs of dynamic batching). --stage prepare --shard I/N makes
+every N-th method's set from the I-th (the first shard to start trains the classifier, the others wait for it);
+the shard that finishes last finds every set and records the benign runs.
 run: the cells, one (modification, trial) each: the modification applied once at seed = trial to a copy of the
 model, every method verified on that same copy (a paired comparison). --shard I/N runs every N-th cell from the
 I-th, so N nodes of a job array cover the grid between them; each cell is its own file, so any stage resumes.
@@ -20,7 +23,7 @@ the header; the fine-tuning family uses the paper's fine-tuning SGD (eval.py's d
 # ----------------------------------------------------------------------------- config
 OUT = "results/field-bench"
 STAGE = "all"                  # all | prepare | run | report
-SHARD = "0/1"                  # I/N: this process runs cells I, I+N, I+2N, ... (a job array's task I of N)
+SHARD = "0/1"                  # I/N: this process runs cells I, I+N, ... (with --stage prepare: methods I, I+N, ...)
 METHODS = ["paper", "ftg", "ssf", "ibsf", "aid", "margin", "natural", "random"]
 MODIFICATIONS = ["finetune", "poison", "ftal", "ftll", "fzll", "rtal", "rtll", "fine-prune", "prune", "quantize",
                  "distill", "shift", "random-class", "specific-class", "random-sample", "clean-label", "trojan",
@@ -200,15 +203,32 @@ def run_script(name, script, args, log):
     return run_logged(ROOT, script, args, log, THREADS, name)
 
 
+def my_methods():
+    """The trigger sets this process generates: with --stage prepare --shard I/N every N-th method from the I-th;
+    otherwise all (--stage all goes on to the cells, which need every set)."""
+    index, count = parse_shard(SHARD) if STAGE == "prepare" else (0, 1)
+    return METHODS[index::count]
+
+
+def train_once(common):
+    """The classifier, trained by the first shard that gets here; the others wait on the lock, then find it."""
+    os.makedirs(os.path.dirname(model_path()), exist_ok=True)
+    with open(os.path.join(OUT, "model", ".train.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.exists(model_path()):
+            run_script("train", "train.py", ["--dataset", DATASET, "--arch", ARCH, "--epochs", TRAIN_EPOCHS,
+                                             "--train-subset", TRAIN_SUBSET, "--seed", 0, "--out", model_path(),
+                                             *common], os.path.join(OUT, "model", "train.log"))
+
+
 def prepare():
-    """The classifier, every method's trigger set (with its generation time) and the benign runs; each part is
-    skipped when done, so a stopped prepare resumes."""
+    """The classifier, this shard's trigger sets (with their generation times) and, once every method's set
+    exists, the benign runs (dynamic batching mixes every method's triggers, so they wait for the last shard);
+    each part is skipped when done, so a stopped prepare resumes."""
     common = ["--device", DEVICE, "--data-dir", DATA_DIR, "--no-progress"]
-    if not MODEL and not os.path.exists(model_path()):
-        run_script("train", "train.py", ["--dataset", DATASET, "--arch", ARCH, "--epochs", TRAIN_EPOCHS,
-                                         "--train-subset", TRAIN_SUBSET, "--seed", 0, "--out", model_path(), *common],
-                   os.path.join(OUT, "model", "train.log"))
-    for method in METHODS:
+    if not MODEL:
+        train_once(common)
+    for method in my_methods():
         folder = method_dir(method)
         timing = os.path.join(folder, "generate.json")
         if os.path.exists(timing):
@@ -219,6 +239,11 @@ def prepare():
                               "--key-out", os.path.join(folder, "key.json"), "--overwrite", *common,
                               *GENERATE_FLAGS.split()], os.path.join(folder, "generate.log"))
         atomic_write_json({"seconds": seconds}, timing)
+    waiting = [m for m in METHODS if not os.path.exists(os.path.join(method_dir(m), "generate.json"))]
+    if waiting:
+        print(f"prepare shard {SHARD}: its trigger sets are done; the benign runs wait for {' '.join(waiting)} "
+              f"(the shard that finishes last runs them, or rerun --stage prepare without --shard)", flush=True)
+        return
     prepared = read_json(prepared_path(), "prepare record") if os.path.exists(prepared_path()) else None
     if prepared is None or list(prepared["methods"]) != METHODS:   # dynamic batching mixes every method's triggers
         atomic_write_json(benign_calibration(), prepared_path())

@@ -1,6 +1,7 @@
 """scripts/field_bench.py: every method against the zoo, sharded. Bad settings are one error line before any work;
-a smoke run prepared once, run as two shards and merged writes the report, whose numbers are the cells'; a shard
-rerun skips its cells; a cell made with other settings is refused at the merge."""
+a smoke run prepared as two shards (the last one records the benign runs), run as two shards and merged writes the
+report, whose numbers are the cells'; a shard rerun skips its cells; a cell made with other settings is refused at
+the merge."""
 import json
 import os
 import subprocess
@@ -41,9 +42,13 @@ def test_two_shards_merge_into_the_report_of_their_cells(watermarked, tmp_path):
     common = ["--model", watermarked["model"], "--dataset", "synthetic", "--methods", "natural", "random",
               "--modifications", "noise", "prune", "finetune", "--trials", 2, "--num-triggers", 10,
               "--attack-subset", 256, "--test-subset", 256, "--dynamic-batch-runs", 30, "--noise-sigma", 1e-2]
-    for stage in (["--stage", "prepare"], ["--stage", "run", "--shard", "0/2"], ["--stage", "run", "--shard", "1/2"]):
+    for stage in (["--stage", "prepare", "--shard", "0/2"], ["--stage", "prepare", "--shard", "1/2"],
+                  ["--stage", "run", "--shard", "0/2"], ["--stage", "run", "--shard", "1/2"]):
         proc = bench(out, *common, *stage)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        if stage == ["--stage", "prepare", "--shard", "0/2"]:   # natural only: the benign runs wait for random
+            assert "the benign runs wait for random" in proc.stdout and not (out / "prepared.json").exists()
+            assert os.listdir(out / "methods") == ["natural"]
     rerun = bench(out, *common, "--stage", "run", "--shard", "1/2")
     assert "shard 1/2: 0 cells to run of 3" in rerun.stdout
     proc = bench(out, *common, "--stage", "report")
