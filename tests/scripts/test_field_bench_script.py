@@ -2,6 +2,8 @@
 a smoke run prepared as two shards (the last one records the benign runs), run as two shards and merged writes the
 report, whose numbers are the cells'; a shard rerun skips its cells; a cell made with other settings is refused at
 the merge."""
+import collections
+import importlib.util
 import json
 import os
 import subprocess
@@ -18,6 +20,28 @@ SCRIPT = os.path.join(ROOT, "scripts", "field_bench.py")
 def bench(out, *args):
     return subprocess.run([sys.executable, SCRIPT, "--out", str(out), *map(str, args)], cwd=ROOT, capture_output=True,
                           text=True, env={**os.environ, "PYTHONPATH": ROOT})
+
+
+def load_bench_script():
+    spec = importlib.util.spec_from_file_location("field_bench_under_test", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_shards_cover_the_grid_once_trial_by_trial_and_share_every_modification():
+    script = load_bench_script()
+    order = script.cell_order()
+    grid = [(m, t) for m in script.MODIFICATIONS for t in range(script.TRIALS)]
+    assert sorted(order) == sorted(grid) and len(set(order)) == len(grid)
+    assert [t for _, t in order] == sorted(t for _, t in order)   # a bench stopped early has every row
+    shards = []
+    for index in range(2):
+        script.SHARD = f"{index}/2"
+        shards.append(script.my_cells())
+    assert sorted(shards[0] + shards[1]) == sorted(grid)
+    for shard in shards:   # an even shard count does not leave one half of the zoo to one node
+        assert set(collections.Counter(m for m, _ in shard).values()) == {script.TRIALS // 2}
 
 
 @pytest.mark.parametrize("args, message", [
