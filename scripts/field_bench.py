@@ -187,6 +187,11 @@ def method_dir(method):
     return os.path.join(OUT, "methods", method)
 
 
+def timing_path(method):
+    """The method's generation seconds, written when its trigger set is done (so it also marks the set done)."""
+    return os.path.join(method_dir(method), "generate.json")
+
+
 def cell_path(modification, trial):
     return os.path.join(OUT, "cells", modification, f"trial{trial}.json")
 
@@ -230,16 +235,15 @@ def prepare():
         train_once(common)
     for method in my_methods():
         folder = method_dir(method)
-        timing = os.path.join(folder, "generate.json")
-        if os.path.exists(timing):
+        if os.path.exists(timing_path(method)):
             continue
         seconds = run_script(f"generate {method}", "generate_samples.py",
                              ["--model", model_path(), "--method", method, "--num-triggers", NUM_TRIGGERS,
                               "--key-seed", KEY_SEED, "--recipe", PAPER_RECIPE, "--out", os.path.join(folder, "triggers"),
                               "--key-out", os.path.join(folder, "key.json"), "--overwrite", *common,
                               *GENERATE_FLAGS.split()], os.path.join(folder, "generate.log"))
-        atomic_write_json({"seconds": seconds}, timing)
-    waiting = [m for m in METHODS if not os.path.exists(os.path.join(method_dir(m), "generate.json"))]
+        atomic_write_json({"seconds": seconds}, timing_path(method))
+    waiting = [m for m in METHODS if not os.path.exists(timing_path(m))]
     if waiting:
         print(f"prepare shard {SHARD}: its trigger sets are done; the benign runs wait for {' '.join(waiting)} "
               f"(the shard that finishes last runs them, or rerun --stage prepare without --shard)", flush=True)
@@ -270,7 +274,7 @@ def benign_calibration():
     for m, w in sets.items():
         envelope = w.meta.get("envelope") or ["exact"]
         methods[m] = {"num_triggers": len(w.key), "query_order": w.meta.get("query_order"),
-                      "generation_seconds": read_json(os.path.join(method_dir(m), "generate.json"), "timing")["seconds"],
+                      "generation_seconds": read_json(timing_path(m), "timing")["seconds"],
                       "envelope": envelope, "triggers_sha256": field_bench.trigger_set_sha256(w.triggers, w.key),
                       "benign_runs": field_bench.envelope_runs(model, w.triggers, w.key, meta, envelope) + dynamic[m]}
     return {"model": model_path(), "model_sha256": model_sha256(model), "dataset": meta["dataset"],
